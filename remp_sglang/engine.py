@@ -130,6 +130,7 @@ def migrate_kv(
     device: torch.device | str = "cpu",
     new_pool: KVPool | None = None,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
+    staging: torch.Tensor | None = None,
     reserved_slots: int = 1,
     fault: FaultHook | None = None,
 ) -> KVMigration:
@@ -138,7 +139,8 @@ def migrate_kv(
     `live_slots` (identical on every rank, as SGLang's replicated allocator makes it)
     are the slots to keep; they keep their index unless the new pool is too small, then
     they are compacted and `new_slots` says where each went. `new_pool`, if given, is
-    filled instead of allocating one (e.g. a pool SGLang built).
+    filled instead of allocating one (e.g. a pool SGLang built). `staging`, a uint8
+    buffer of `staging_bytes` kept by the caller, avoids allocating staging per call.
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
@@ -182,7 +184,7 @@ def migrate_kv(
         stats.seconds["local_copy"] = time.perf_counter() - t1
         items = _kv_items(plan, rank, old_pool, new_pool, src_slots, dst_slots, staging_bytes,
                           fault)
-        ex = run_exchange(comm, items, staging_bytes, device)
+        ex = run_exchange(comm, items, staging_bytes, device, staging)
         _merge(stats, ex)
         stats.seconds["transfer"] = ex.seconds
     except Exception as exc:
@@ -286,6 +288,7 @@ def reshard_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     staging_bytes: int = DEFAULT_STAGING_BYTES,
+    staging: torch.Tensor | None = None,
     fault: FaultHook | None = None,
 ) -> WeightReshard:
     """This rank's parameters for `new`, moved from the ranks holding them (no checkpoint).
@@ -341,7 +344,7 @@ def reshard_weights(
             for a in range(0, m.length, step):
                 items.append(_weight_item(m, dim, a, min(m.length, a + step), row,
                                           old_params, new_params, rank, fault))
-        ex = run_exchange(comm, items, staging_bytes, torch.device(device))
+        ex = run_exchange(comm, items, staging_bytes, torch.device(device), staging)
         _merge(stats, ex)
         stats.seconds["transfer"] = ex.seconds
     except Exception as exc:

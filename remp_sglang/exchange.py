@@ -85,15 +85,30 @@ def _layout(items: Sequence[Item], rank: int) -> tuple[dict, dict, list, int]:
 
 
 def run_exchange(
-    comm: Communicator, items: Sequence[Item], staging_bytes: int, device: torch.device
+    comm: Communicator,
+    items: Sequence[Item],
+    staging_bytes: int,
+    device: torch.device,
+    staging: torch.Tensor | None = None,
 ) -> ExchangeStats:
-    """Move every item; raises on the first failure or when a round exceeds the timeout."""
+    """Move every item; raises on the first failure or when a round exceeds the timeout.
+
+    `staging` (uint8, at least staging_bytes) is reused if given: a server keeps one so
+    no reshape pays for fresh pages; otherwise the halves are allocated as needed.
+    """
     stats = ExchangeStats()
     rounds = schedule_rounds(items, staging_bytes // 2)
     stats.rounds = len(rounds)
     layouts = [_layout(r, comm.rank) for r in rounds]
     half = max((lay[3] for lay in layouts), default=0)
-    halves = [torch.empty(half, dtype=torch.uint8, device=device) for _ in range(2)] if half else []
+    if staging is not None and half:
+        if staging.dtype != torch.uint8 or staging.numel() < 2 * half:
+            raise ValueError(f"staging must be uint8 with >= {2 * half} bytes")
+        halves = [staging[:half], staging[half : 2 * half]]
+    elif half:
+        halves = [torch.empty(half, dtype=torch.uint8, device=device) for _ in range(2)]
+    else:
+        halves = []
     stats.staging_bytes = 2 * half
     start = time.perf_counter()
     pending: tuple[list, list, torch.Tensor] | None = None

@@ -38,6 +38,8 @@ class DenseDecoder:
     vocab_size: int
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # SGLang 0.5.23's Llama builds (and loads) lm_head on every PP stage, Qwen2 on the last.
+    lm_head_on_every_stage: bool = False
 
     def __post_init__(self) -> None:
         if self.tie_word_embeddings:
@@ -50,7 +52,7 @@ class ParamSpec:
     shape: tuple[int, ...]  # full shape
     split: Split
     layer: int | None = None  # decoder layer; None for embedding / final norm / lm_head
-    stage: str | None = None  # "first" or "last" for non-layer parameters
+    stage: str | None = None  # "first", "last" or "every" for non-layer parameters
 
     @property
     def dim(self) -> int:
@@ -68,7 +70,8 @@ def dense_decoder_params(model: DenseDecoder) -> list[ParamSpec]:
     specs = [
         ParamSpec("model.embed_tokens.weight", (model.vocab_size, h), Split.VOCAB, stage="first"),
         ParamSpec("model.norm.weight", (h,), Split.REPLICATED, stage="last"),
-        ParamSpec("lm_head.weight", (model.vocab_size, h), Split.VOCAB, stage="last"),
+        ParamSpec("lm_head.weight", (model.vocab_size, h), Split.VOCAB,
+                  stage="every" if model.lm_head_on_every_stage else "last"),
     ]
     for i in range(s.num_layers):
         p = f"model.layers.{i}."
@@ -91,6 +94,8 @@ def owns(spec: ParamSpec, model: DenseDecoder, topo: Topology, rank: int) -> boo
     pp_rank, _ = topo.coords(rank)
     if spec.layer is not None:
         return spec.layer in topo.layer_range(rank, model.shape.num_layers)
+    if spec.stage == "every":
+        return True
     return pp_rank == (0 if spec.stage == "first" else topo.pp - 1)
 
 

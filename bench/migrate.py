@@ -1,0 +1,202 @@
+"""KV migration and weight re-sharding across a real gloo world, against its lower bound.
+
+For each reshape, every rank runs the engine on random data; the table shows the busiest
+rank's bytes, the measured transfer phase (median of --repeats runs after a warm-up,
+slowest rank), and the floor: busiest-rank bytes divided by
+the point-to-point bandwidth measured on the same backend, in the same run, with one
+large message (the best case the backend reaches).
+
+    python bench/migrate.py [--quick] [--json PATH] [--tokens N] [--staging-mib M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from remp_sglang.comm import Communicator  # noqa: E402
+from remp_sglang.engine import KVPool, migrate_kv, reshard_weights  # noqa: E402
+from remp_sglang.planner import plan_kv  # noqa: E402
+from remp_sglang.topology import ModelShape, Topology  # noqa: E402
+from remp_sglang.weights import (  # noqa: E402
+    DenseDecoder,
+    dense_decoder_params,
+    local_shape,
+    owns,
+)
+
+# Llama-3-8B's KV geometry (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB/token).
+KV_SHAPE = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+# A ~1B-parameter decoder for weights (what fits twice in this machine's memory).
+WEIGHT_MODEL = DenseDecoder(
+    ModelShape(num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, dtype_bytes=2),
+    hidden_size=2048, intermediate_size=5632, vocab_size=32000,
+)
+TRANSITIONS = [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((1, 2), (2, 1)), ((2, 1), (1, 2)),
+               ((1, 2), (1, 1))]
+
+
+def random_tensor(shape, dtype, gen) -> torch.Tensor:
+    """Random bits, cheaply (never zeros: they can hide unwritten data)."""
+    n = torch.Size(shape).numel()
+    raw = torch.randint(-(2**15), 2**15, (n,), dtype=torch.int16, generator=gen)
+    if dtype.itemsize == 2:
+        return raw.view(dtype).view(shape)
+    return raw.to(dtype).view(shape)
+
+
+def p2p_bandwidth(comm: Communicator, nbytes: int, repeats: int) -> float:
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    times = []
+    for _ in range(repeats + 1):
+        comm.barrier()
+        t = time.perf_counter()
+        tag = comm.next_tag()
+        works = comm.exchange({1: buf} if comm.rank == 0 else {},
+                              {0: buf} if comm.rank == 1 else {}, tag)
+        comm.wait(works, time.monotonic() + comm.timeout_s)
+        comm.barrier()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times[1:])
+
+
+def _gather_rows(comm: Communicator, values: list[float]) -> list[list[float]]:
+    t = torch.zeros(comm.world_size, len(values), dtype=torch.float64)
+    t[comm.rank] = torch.tensor(values, dtype=torch.float64)
+    comm.pg.allreduce([t]).wait()
+    return t.tolist()
+
+
+def worker(rank: int, world: int, port: int, args, queue) -> None:
+    torch.set_num_threads(1)
+    comm = Communicator.gloo("127.0.0.1", port, rank, world, timeout_s=600)
+    gen = torch.Generator().manual_seed(rank)
+    bw = p2p_bandwidth(comm, args.p2p_mib << 20, repeats=3)
+    staging = torch.zeros(args.staging_mib << 20, dtype=torch.uint8)  # kept, as a server would
+    rows = []
+    tokens, shape = args.tokens, KV_SHAPE
+    live = torch.randperm(tokens, generator=torch.Generator().manual_seed(0)) + 1
+    for (otp, opp), (ntp, npp) in TRANSITIONS:
+        old, new = Topology(otp, opp, world), Topology(ntp, npp, world)
+        pool = None
+        if old.is_active(rank):
+            layers = len(old.layer_range(rank, shape.num_layers))
+            heads = len(old.kv_head_range(rank, shape.num_kv_heads))
+            pool = KVPool([random_tensor((tokens + 1, heads, shape.head_dim), torch.bfloat16, gen)
+                           for _ in range(layers)],
+                          [random_tensor((tokens + 1, heads, shape.head_dim), torch.bfloat16, gen)
+                           for _ in range(layers)])
+        runs = []
+        for _ in range(args.repeats + 1):  # the first run warms up and is dropped
+            comm.barrier()
+            res = migrate_kv(comm, old, new, shape, pool, live, tokens + 1,
+                             dtype=torch.bfloat16, staging_bytes=staging.numel(),
+                             staging=staging)
+            s = res.stats
+            runs.append(_gather_rows(comm, [s.bytes_sent, s.bytes_received,
+                                            s.seconds["transfer"], s.seconds["local_copy"],
+                                            s.peak_bytes]))
+            del res
+        per_rank = runs[-1]
+        plan = plan_kv(old, new, shape)
+        busiest = plan.max_rank_bytes(tokens)
+        transfer = statistics.median(max(r[2] for r in run) for run in runs[1:])
+        rows.append({
+            "what": "kv", "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}", "tokens": tokens,
+            "busiest_rank_bytes": busiest, "transfer_s": transfer,
+            "local_copy_s": statistics.median(max(r[3] for r in run) for run in runs[1:]),
+            "lower_bound_s": busiest / bw, "ratio": transfer / (busiest / bw) if busiest else 0,
+            "peak_gib": max(r[4] for r in per_rank) / 2**30,
+            "bytes_per_rank": [int(max(r[0], r[1])) for r in per_rank],
+        })
+        del pool
+    if not args.skip_weights:
+        model = WEIGHT_MODEL
+        specs = dense_decoder_params(model)
+        for (otp, opp), (ntp, npp) in TRANSITIONS[:3]:
+            old, new = Topology(otp, opp, world), Topology(ntp, npp, world)
+            params = {sp.name: random_tensor(local_shape(sp, model, old, rank), torch.bfloat16, gen)
+                      for sp in specs if owns(sp, model, old, rank)}
+            runs = []
+            for _ in range(args.repeats + 1):
+                comm.barrier()
+                res = reshard_weights(comm, old, new, model, params, dtype=torch.bfloat16,
+                                      staging_bytes=staging.numel(), staging=staging)
+                runs.append(_gather_rows(comm, [res.stats.seconds["transfer"],
+                                                res.stats.peak_bytes]))
+            per_rank = runs[-1]
+            busiest = res.stats.lower_bound_bytes
+            transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
+            rows.append({
+                "what": "weights", "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}",
+                "tokens": 0, "busiest_rank_bytes": busiest, "transfer_s": transfer,
+                "local_copy_s": 0.0, "lower_bound_s": busiest / bw,
+                "ratio": transfer / (busiest / bw) if busiest else 0,
+                "peak_gib": max(r[1] for r in per_rank) / 2**30, "bytes_per_rank": [],
+            })
+            del params, res
+    comm.barrier()
+    comm.close()
+    if rank == 0:
+        queue.put({"p2p_GBps": bw / 1e9, "rows": rows})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute here)")
+    ap.add_argument("--tokens", type=int, default=None, help="live tokens (default 16384)")
+    ap.add_argument("--staging-mib", type=int, default=64)
+    ap.add_argument("--p2p-mib", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    ap.add_argument("--skip-weights", action="store_true")
+    ap.add_argument("--json", default=None, help="write the table as JSON here")
+    args = ap.parse_args()
+    if args.tokens is None:
+        args.tokens = 2048 if args.quick else 16384
+    if args.quick:
+        args.p2p_mib = min(args.p2p_mib, 64)
+    world = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+              f"torch {torch.__version__}, gloo over loopback, world {world}"
+    print(f"# bench/migrate.py on {machine}")
+    print(f"# p2p bandwidth (one {args.p2p_mib} MiB message, same backend, same run): "
+          f"{result['p2p_GBps']:.2f} GB/s; staging {args.staging_mib} MiB")
+    print(f"# KV shape: {KV_SHAPE}; weights: {WEIGHT_MODEL.shape}, hidden "
+          f"{WEIGHT_MODEL.hidden_size}, vocab {WEIGHT_MODEL.vocab_size}")
+    hdr = f"{'what':8} {'old':>8} {'new':>8} {'tokens':>7} {'busiest MiB':>12} " \
+          f"{'transfer s':>11} {'bound s':>9} {'ratio':>6} {'local s':>8} {'peak GiB':>9}"
+    print(hdr)
+    for r in result["rows"]:
+        print(f"{r['what']:8} {r['old']:>8} {r['new']:>8} {r['tokens']:>7} "
+              f"{r['busiest_rank_bytes'] / 2**20:>12.1f} {r['transfer_s']:>11.3f} "
+              f"{r['lower_bound_s']:>9.3f} {r['ratio']:>6.2f} {r['local_copy_s']:>8.3f} "
+              f"{r['peak_gib']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), **result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

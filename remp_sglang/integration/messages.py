@@ -1,0 +1,70 @@
+"""Control messages between the HTTP process and the scheduler processes.
+
+They are msgspec structs deriving from SGLang's ``BaseReq`` so that they travel over the
+same ZMQ sockets as SGLang's own control requests (the class name is the msgspec tag).
+Every process that decodes them must call ``register_message_types()`` once (the main
+process decodes replies, scheduler rank zero decodes requests; the other ranks receive
+them pickled through the TP broadcast, which only needs this module to be importable).
+
+This module imports SGLang at import time: import it only inside SGLang processes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from sglang.srt.managers.io_struct import BaseReq, hook_custom_types
+
+
+class RempTopologyReqInput(BaseReq, kw_only=True):
+    """Ask scheduler rank zero for the live parallel layout."""
+
+
+class RempTopologyReqOutput(BaseReq, kw_only=True):
+    """The live parallel layout as the schedulers see it."""
+
+    tp: int = 0
+    pp: int = 0
+    world_size: int = 0
+    active_ranks: list[int] = msgspec.field(default_factory=list)
+    state: str = "unknown"
+    kv_capacity_tokens: int = 0
+    launch_tp: int = 0
+    launch_pp: int = 0
+    launch_world_size: int = 0
+    initial_tp: int | None = None
+    initial_pp: int | None = None
+    threads: int = 0  # rank zero's torch threads and cores (thread binding follows layout)
+    cpus: list[int] = msgspec.field(default_factory=list)
+    error: str | None = None
+
+
+MESSAGE_TYPES = (RempTopologyReqInput, RempTopologyReqOutput)
+
+_registered = False
+
+
+def register_message_types() -> None:
+    """Make SGLang's msgpack decoder in this process accept the REMP message types."""
+    global _registered
+    if not _registered:
+        hook_custom_types(*MESSAGE_TYPES)
+        _registered = True
+
+
+class RempReshapeReqInput(BaseReq, kw_only=True):
+    """Switch the live layout to (tp, pp); the new world rendezvouses on dist_port."""
+
+    tp: int = 0
+    pp: int = 0
+    dist_port: int = 0
+
+
+class RempReshapeReqOutput(BaseReq, kw_only=True):
+    """Rank zero's report (JSON) once the new layout serves, or why it did not happen."""
+
+    report_json: str = "{}"
+    error: str | None = None
+    status: int = 200
+
+
+MESSAGE_TYPES = MESSAGE_TYPES + (RempReshapeReqInput, RempReshapeReqOutput)

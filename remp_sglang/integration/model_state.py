@@ -1,0 +1,102 @@
+"""The bridge between a live SGLang model and the engine's view of its weights.
+
+- `decoder_of` describes the model as a `weights.DenseDecoder` (shapes from its HF config).
+- `local_params` takes this rank's parameter shards out of the running model and checks them
+  against the layout the planner assumes, so a model SGLang shards differently is refused
+  before anything moves.
+- `weights_from_memory` makes SGLang's loader fill a freshly built model from re-sharded
+  tensors instead of the checkpoint (an AROUND hook on `DefaultModelLoader.load_weights_only`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from remp_sglang.topology import ModelShape, Topology
+from remp_sglang.weights import DenseDecoder, dense_decoder_params, local_shape, owns
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+_pending_shards: Mapping[str, torch.Tensor] | None = None
+
+
+def decoder_of(hf_config: Any, dtype: torch.dtype) -> DenseDecoder:
+    """The DenseDecoder of a Llama/Qwen2-style HF config; ValueError if unsupported."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(f"remp supports {SUPPORTED_ARCHITECTURES}, not {archs}")
+    if getattr(hf_config, "tie_word_embeddings", False):
+        raise ValueError("remp does not support tied word embeddings yet")
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    shape = ModelShape(
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+    )
+    return DenseDecoder(
+        shape,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        qkv_bias="Qwen2" in "".join(archs),
+        lm_head_on_every_stage=not any("Qwen2" in a for a in archs),
+    )
+
+
+def local_params(
+    model: torch.nn.Module, decoder: DenseDecoder, topo: Topology, rank: int
+) -> dict[str, torch.Tensor]:
+    """This rank's shards, by SGLang parameter name, checked against the planner's layout."""
+    params = {name: p.data for name, p in model.named_parameters()}
+    expected = {
+        spec.name: local_shape(spec, decoder, topo, rank)
+        for spec in dense_decoder_params(decoder)
+        if owns(spec, decoder, topo, rank)
+    }
+    if set(params) != set(expected):
+        missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+        raise ValueError(f"model parameters differ from the remp layout: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}")
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"{name}: SGLang holds {list(params[name].shape)} on rank {rank}, "
+                             f"the remp layout says {list(shape)}")
+    return params
+
+
+@contextlib.contextmanager
+def weights_from_memory(shards: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """While active, a model SGLang builds takes its parameters from `shards`."""
+    global _pending_shards
+    _pending_shards = shards
+    try:
+        yield
+    finally:
+        _pending_shards = None
+
+
+def around_load_weights_only(original, model, weights, target_device):
+    """AROUND hook on DefaultModelLoader.load_weights_only (a staticmethod)."""
+    if _pending_shards is None:
+        return original(model, weights, target_device)
+    params = dict(model.named_parameters())
+    if set(params) != set(_pending_shards):
+        raise ValueError(
+            f"rebuilt model parameters {sorted(set(params) ^ set(_pending_shards))[:4]} do not "
+            "match the re-sharded weights"
+        )
+    for name, param in params.items():
+        shard = _pending_shards[name]
+        if (param.shape, param.dtype, param.device) != (shard.shape, shard.dtype, shard.device):
+            raise ValueError(f"{name}: rebuilt {list(param.shape)} {param.dtype} vs "
+                             f"re-sharded {list(shard.shape)} {shard.dtype}")
+        param.data = shard  # adopt the engine's tensor: no copy, no second allocation
+    # The checkpoint iterator `weights` is a lazy generator: never iterated, no disk read.
+    return None

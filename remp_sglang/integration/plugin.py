@@ -1,0 +1,456 @@
+"""The ``sglang.srt.plugins`` entry point of remp_sglang.
+
+Declared in ``pyproject.toml`` as::
+
+    [project.entry-points."sglang.srt.plugins"]
+    remp = "remp_sglang.integration.plugin:register"
+
+SGLang's ``load_plugins()`` calls :func:`register` in every process it starts (the
+launcher/HTTP process, each scheduler, the detokenizer). What it does there:
+
+* Every process: AFTER hooks on ``ServerArgs.add_cli_args`` (adds ``--remp``,
+  ``--remp-initial-tp``, ``--remp-initial-pp``) and ``ServerArgs.from_cli_args``. Only the
+  launcher ever runs these two methods. Without ``--remp`` nothing else happens anywhere.
+* Launcher with ``--remp``: the ``from_cli_args`` hook validates the flags, stores them on
+  the record (``server_args._remp_config``, a bookkeeping attribute that pickles into the
+  scheduler processes) and in the environment variable ``REMP_SGLANG_CONFIG`` (inherited
+  by the spawned processes), registers the REMP message types with SGLang's msgpack
+  decoder and adds the HTTP routes (``GET /remp/topology``) to SGLang's FastAPI app.
+* Spawned processes with ``REMP_SGLANG_CONFIG`` set: register the message types and, in
+  scheduler processes, add the REMP request handlers to ``Scheduler._request_dispatcher``.
+
+``GET /remp/topology`` is answered by scheduler rank zero through SGLang's own control
+path (tokenizer manager -> ZMQ -> rank zero, broadcast to the TP ranks -> handler ->
+``send_control_output`` -> ``FanOutCommunicator``), not from values cached in the HTTP
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from remp_sglang.integration.cache_state import TREE_CORE_ENV
+
+try:  # FastAPI resolves the route's annotations from this module's globals
+    from fastapi import Request
+except ImportError:  # pragma: no cover - only SGLang processes serve the routes
+    Request = Any
+
+#: Environment variable that carries the REMP configuration to SGLang's subprocesses.
+ENV_CONFIG = "REMP_SGLANG_CONFIG"
+ROUTE_TOPOLOGY = "/remp/topology"
+ROUTE_RESHAPE = "/remp/reshape"
+#: How long a reshape may take end to end (drain included) before the route gives up.
+RESHAPE_TIMEOUT_S = 900.0
+#: How long the topology route waits for scheduler rank zero (it answers between batches).
+TOPOLOGY_TIMEOUT_S = 120.0
+
+# Named under "sglang." so that SGLang's logging configuration shows it in the server log.
+logger = logging.getLogger("sglang.srt.remp")
+
+_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
+
+
+@dataclass(frozen=True)
+class RempConfig:
+    """What ``--remp*`` asked for, plus the launch layout (every rank the server may use)."""
+
+    launch_tp: int = 1
+    launch_pp: int = 1
+    initial_tp: int | None = None
+    initial_pp: int | None = None
+    ctrl_port: int = 0  # the control/migration plane over every launched rank
+    initial_dist_port: int = 0  # world rendezvous for the start-up reshape, if any
+
+    @property
+    def initial_layout(self) -> tuple[int, int]:
+        return (self.initial_tp or self.launch_tp, self.initial_pp or self.launch_pp)
+
+    @property
+    def launch_world_size(self) -> int:
+        return self.launch_tp * self.launch_pp
+
+    def validate(self) -> None:
+        if self.launch_tp < 1 or self.launch_pp < 1:
+            raise ValueError(f"invalid launch layout tp={self.launch_tp} pp={self.launch_pp}")
+        for name in ("initial_tp", "initial_pp"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--remp-{name.replace('_', '-')} must be >= 1, got {value}")
+        tp = self.initial_tp or self.launch_tp
+        pp = self.initial_pp or self.launch_pp
+        if tp * pp > self.launch_world_size:
+            raise ValueError(
+                f"--remp initial layout tp={tp} pp={pp} needs {tp * pp} ranks, but the server "
+                f"is launched with {self.launch_world_size} (--tp {self.launch_tp} "
+                f"--pp-size {self.launch_pp}); launch at the largest layout you will use"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RempConfig:
+        data = json.loads(text)
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> RempConfig | None:
+    """The configuration the launcher exported, or None when ``--remp`` is off."""
+    text = (os.environ if environ is None else environ).get(ENV_CONFIG)
+    if not text:
+        return None
+    try:
+        return RempConfig.from_json(text)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"malformed {ENV_CONFIG}={text!r}: {error}") from error
+
+
+# ----------------------------------------------------------------------------- entry point
+
+_registered_cli_hooks = False
+_enabled_main = False
+_enabled_subprocess = False
+
+
+def register() -> None:
+    """Entry point run by SGLang's ``load_plugins()`` in every SGLang process."""
+    global _registered_cli_hooks
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if not _registered_cli_hooks:
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
+        )
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs.from_cli_args",
+            _after_from_cli_args,
+            HookType.AFTER,
+        )
+        _registered_cli_hooks = True
+
+    # SGLang starts its schedulers and detokenizer with multiprocessing; the launcher
+    # itself has no multiprocessing parent and turns REMP on from its command line.
+    if multiprocessing.parent_process() is not None:
+        config = config_from_env()
+        if config is not None:
+            _enable_subprocess(config)
+
+
+# ----------------------------------------------------------------------------- CLI (launcher)
+
+
+def _after_add_cli_args(result: Any, parser: Any) -> None:
+    if "--remp" in getattr(parser, "_option_string_actions", {}):
+        return None  # the same parser seen twice
+    group = parser.add_argument_group("remp_sglang (runtime TP/PP reshaping)")
+    group.add_argument(
+        "--remp",
+        action="store_true",
+        help="Enable remp_sglang: runtime TP/PP reshaping that keeps the KV and prefix cache. "
+        "Launch with --tp/--pp-size covering every rank the server may use.",
+    )
+    group.add_argument(
+        "--remp-initial-tp",
+        type=int,
+        default=None,
+        help="With --remp: the TP degree to serve with first (default: --tp).",
+    )
+    group.add_argument(
+        "--remp-initial-pp",
+        type=int,
+        default=None,
+        help="With --remp: the PP degree to serve with first (default: --pp-size).",
+    )
+    return None
+
+
+def _after_from_cli_args(result: Any, cls: Any, namespace: Any) -> None:
+    """Carry ``--remp*`` (dropped by ``from_cli_args``) into the record and environment."""
+    if not getattr(namespace, "remp", False):
+        if (
+            getattr(namespace, "remp_initial_tp", None) is not None
+            or getattr(namespace, "remp_initial_pp", None) is not None
+        ):
+            raise ValueError("--remp-initial-tp/--remp-initial-pp need --remp")
+        os.environ.pop(ENV_CONFIG, None)
+        return None
+    config = RempConfig(
+        launch_tp=int(getattr(namespace, "tp_size", 1) or 1),
+        launch_pp=int(getattr(namespace, "pp_size", 1) or 1),
+        initial_tp=getattr(namespace, "remp_initial_tp", None),
+        initial_pp=getattr(namespace, "remp_initial_pp", None),
+        ctrl_port=free_port(),
+        initial_dist_port=free_port(),
+    )
+    config.validate()
+    dp_size = int(getattr(namespace, "dp_size", 1) or 1)
+    if dp_size != 1:
+        raise ValueError(f"--remp supports --dp-size 1 only, got {dp_size}")
+    tokenizer_workers = int(getattr(namespace, "tokenizer_worker_num", 1) or 1)
+    if tokenizer_workers != 1:
+        raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
+    # A bookkeeping attribute (underscore, not a field): writable on the sealed record and
+    # pickled into every scheduler process by ServerArgs.__reduce__.
+    result._remp_config = asdict(config)
+    os.environ[ENV_CONFIG] = config.to_json()
+    # Rank zero exports the radix tree at each reshape; only the Python core allows it.
+    os.environ[TREE_CORE_ENV] = "python"
+    _enable_main_process(config)
+    return None
+
+
+# ----------------------------------------------------------------------------- launcher side
+
+# The launcher's view of the layout: answers GET /remp/topology while the schedulers are
+# busy reshaping, and overlays /server_info. Updated from each reshape's reply.
+_main_view: dict[str, Any] = {}
+
+
+def _enable_main_process(config: RempConfig) -> None:
+    global _enabled_main
+    if _enabled_main:
+        return
+    from sglang.srt.entrypoints import http_server
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from remp_sglang.integration.messages import register_message_types
+
+    register_message_types()
+    tp, pp = config.initial_layout
+    _main_view.update(tp=tp, pp=pp, state="serving", lock=None)
+    http_server.app.add_api_route(
+        ROUTE_TOPOLOGY, _topology_route, methods=["GET"], name="remp_topology"
+    )
+    http_server.app.add_api_route(
+        ROUTE_RESHAPE, _reshape_route, methods=["POST"], name="remp_reshape"
+    )
+    HookRegistry.register(
+        "sglang.srt.utils.common.build_server_info", _after_build_server_info, HookType.AFTER
+    )
+    HookRegistry.apply_hooks()
+    _enabled_main = True
+    logger.info("remp_sglang enabled: %s", config)
+
+
+def _after_build_server_info(result: dict, server_args: Any, scheduler_info: Any) -> dict:
+    """/server_info reports the live layout, not the launch flags."""
+    if _main_view:
+        result["tp_size"], result["pp_size"] = _main_view["tp"], _main_view["pp"]
+    return result
+
+
+def _communicator(tokenizer_manager: Any, reply_type: type) -> Any:
+    """A FanOutCommunicator for one reply type, wired into the tokenizer manager once."""
+    attr = f"_remp_comm_{reply_type.__name__}"
+    communicator = getattr(tokenizer_manager, attr, None)
+    if communicator is None:
+        from sglang.srt.managers.communicator import FanOutCommunicator
+        from sglang.srt.runtime_context import get_parallel
+        from sglang.utils import TypeBasedDispatcher
+
+        communicator = FanOutCommunicator(
+            tokenizer_manager._dispatch_to_scheduler, get_parallel().num_dp_ranks, "queueing"
+        )
+        tokenizer_manager._result_dispatcher += TypeBasedDispatcher(
+            [(reply_type, communicator.handle_recv)]
+        )
+        setattr(tokenizer_manager, attr, communicator)
+    return communicator
+
+
+def _reply_to_dict(reply: Any) -> dict[str, Any]:
+    import msgspec
+
+    data = msgspec.structs.asdict(reply)
+    for key in ("rid", "http_worker_ipc"):
+        data.pop(key, None)
+    if data.get("error") is None:
+        data.pop("error", None)
+    return data
+
+
+def _tokenizer_manager() -> Any:
+    from sglang.srt.entrypoints.http_server import get_global_state
+
+    state = get_global_state()
+    if state is None or state.tokenizer_manager is None:
+        return None
+    state.tokenizer_manager.auto_create_handle_loop()
+    return state.tokenizer_manager
+
+
+async def _topology_route() -> Any:
+    from fastapi.responses import JSONResponse
+
+    from remp_sglang.integration.messages import RempTopologyReqInput, RempTopologyReqOutput
+
+    if _main_view.get("state") == "reshaping":  # the schedulers are busy: answer from here
+        config = config_from_env() or RempConfig()
+        return JSONResponse({
+            "tp": _main_view["tp"], "pp": _main_view["pp"], "state": "reshaping",
+            "world_size": config.launch_world_size,
+            "active_ranks": list(range(_main_view["tp"] * _main_view["pp"])),
+            "kv_capacity_tokens": _main_view.get("kv_capacity_tokens", 0),
+        })
+    tokenizer_manager = _tokenizer_manager()
+    if tokenizer_manager is None:
+        return JSONResponse({"error": "server is not ready"}, status_code=503)
+    communicator = _communicator(tokenizer_manager, RempTopologyReqOutput)
+    try:
+        replies = await asyncio.wait_for(
+            communicator(RempTopologyReqInput()), timeout=TOPOLOGY_TIMEOUT_S
+        )
+    except asyncio.TimeoutError:
+        return JSONResponse(
+            {"error": f"no topology reply from the scheduler in {TOPOLOGY_TIMEOUT_S:.0f}s"},
+            status_code=504,
+        )
+    data = _reply_to_dict(replies[0])
+    _main_view["kv_capacity_tokens"] = data.get("kv_capacity_tokens", 0)
+    return JSONResponse(data, status_code=500 if "error" in data else 200)
+
+
+def validate_layout(body: Any, config: RempConfig, hf_config: Any) -> tuple[int, int]:
+    """(tp, pp) from a reshape request, or ValueError with the reason (-> HTTP 400)."""
+    from remp_sglang.topology import Topology
+
+    if not isinstance(body, dict):
+        raise ValueError('body must be a JSON object like {"tp": 2, "pp": 1}')
+    unknown = sorted(set(body) - {"tp", "pp"})
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; expected tp and pp")
+    values = []
+    for name in ("tp", "pp"):
+        value = body.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        values.append(value)
+    tp, pp = values
+    topo = Topology(tp, pp, config.launch_world_size) if tp * pp <= config.launch_world_size \
+        else None
+    if topo is None:
+        raise ValueError(f"tp*pp = {tp * pp} exceeds the {config.launch_world_size} ranks this "
+                         f"server was launched with")
+    from remp_sglang.integration.model_state import decoder_of
+
+    topo.check_model(decoder_of(hf_config, torch_dtype_of(hf_config)).shape)
+    return tp, pp
+
+
+def torch_dtype_of(hf_config: Any) -> Any:
+    import torch
+
+    return getattr(hf_config, "torch_dtype", None) or torch.float32
+
+
+async def _reshape_route(request: Request) -> Any:
+    import time
+
+    from fastapi.responses import JSONResponse
+
+    from remp_sglang.integration.messages import RempReshapeReqInput, RempReshapeReqOutput
+
+    config = config_from_env() or RempConfig()
+    tokenizer_manager = _tokenizer_manager()
+    if tokenizer_manager is None:
+        return JSONResponse({"error": "server is not ready"}, status_code=503)
+    try:
+        body = await request.json()
+    except ValueError as error:
+        return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+    try:
+        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config)
+    except ValueError as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+    if _main_view["lock"] is None:
+        _main_view["lock"] = asyncio.Lock()
+    lock: asyncio.Lock = _main_view["lock"]
+    if lock.locked():
+        return JSONResponse({"error": "a reshape is already running"}, status_code=409)
+    async with lock:
+        old = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
+        t_request = time.perf_counter()
+        # Drain: in-flight requests finish, new ones wait (the weight-update lock).
+        async with tokenizer_manager.model_update_lock.writer_lock:
+            t_paused = time.perf_counter()
+            _main_view["state"] = "reshaping"
+            try:
+                replies = await asyncio.wait_for(
+                    _communicator(tokenizer_manager, RempReshapeReqOutput)(
+                        RempReshapeReqInput(tp=tp, pp=pp, dist_port=free_port())
+                    ),
+                    timeout=RESHAPE_TIMEOUT_S,
+                )
+            except asyncio.TimeoutError:
+                _main_view["state"] = "serving"
+                return JSONResponse({"error": "reshape timed out"}, status_code=504)
+            t_resumed = time.perf_counter()
+            reply = replies[0]
+            if reply.error is None:
+                _main_view.update(tp=tp, pp=pp)
+            _main_view["state"] = "serving"
+    if reply.error is not None:
+        return JSONResponse({"error": reply.error, "old": old}, status_code=reply.status)
+    report = json.loads(reply.report_json)
+    report.update(
+        old=old,
+        new={"tp": tp, "pp": pp},
+        downtime_s=round(t_resumed - t_paused, 4),
+        drain_s=round(t_paused - t_request, 4),
+        request_wait_s=round(t_resumed - t_request, 4),
+    )
+    return JSONResponse(report)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def _enable_subprocess(config: RempConfig) -> None:
+    global _enabled_subprocess
+    if _enabled_subprocess:
+        return
+    from remp_sglang.integration.messages import register_message_types
+
+    register_message_types()
+    # Scheduler processes import the scheduler module before load_plugins() runs (their
+    # entry function lives there); elsewhere (detokenizer) there is no scheduler to hook,
+    # and resolving the hook target would import it for nothing.
+    if _SCHEDULER_MODULE in sys.modules:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        from remp_sglang.integration import scheduler_hooks as hooks
+        from remp_sglang.integration.model_state import around_load_weights_only
+
+        for target, fn, kind in (
+            ("Scheduler.init_request_dispatcher", hooks.after_init_request_dispatcher,
+             HookType.AFTER),
+            ("Scheduler.__init__", hooks.after_scheduler_init, HookType.AFTER),
+            ("Scheduler.on_idle", hooks.around_on_idle, HookType.AROUND),
+            ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
+        ):
+            HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)
+        HookRegistry.register(
+            "sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_only",
+            around_load_weights_only,
+            HookType.AROUND,
+        )
+    _enabled_subprocess = True

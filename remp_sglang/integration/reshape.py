@@ -1,0 +1,363 @@
+"""The live reshape, executed in every scheduler process (active, parked, joining, leaving).
+
+Sequence on each launched rank, all at the same point (the scheduler's idle hook on active
+ranks; the park loop on parked ones):
+
+1. cache state: rank zero exports tree + free lists; every rank reads it from the store.
+2. weights: re-sharded for the new layout by the engine, from the ranks holding them.
+3. KV: every new-active rank allocates its `MHATokenToKVPool` (same slots, new heads and
+   layers); the engine fills the live slots from their old owners.
+   Steps 1-3 run while the old world still serves; a failure there is agreed on by every
+   rank and leaves the server on the old layout, untouched.
+4. old-active ranks tear their SGLang world down; new-active ranks re-stamp their ranks,
+   build a fresh world on a new port and a model worker fed from the re-sharded weights.
+5. new-active ranks attach the new pool, rebuild the tree and free lists from the export,
+   refresh what the scheduler caches, rebind threads; leaving ranks park.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import pickle
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from remp_sglang.comm import Communicator, MigrationError
+from remp_sglang.engine import KVPool, migrate_kv, reshard_weights
+from remp_sglang.topology import Topology
+from remp_sglang.weights import DenseDecoder
+
+from .cache_state import export_state, import_state, live_slots
+from .model_state import local_params, weights_from_memory
+
+logger = logging.getLogger("sglang.srt.remp")
+
+STAGING_BYTES = int(os.environ.get("REMP_STAGING_MIB", "64")) << 20
+PARK_POLL_S = 0.02
+
+
+class RempLoopRestart(Exception):  # noqa: N818 (control flow, not an error)
+    """Raised out of the event loop after a reshape so the supervisor re-enters it."""
+
+
+@dataclass(frozen=True)
+class ReshapeOrder:
+    epoch: int
+    tp: int
+    pp: int
+    dist_port: int
+
+
+@dataclass
+class RempRuntime:
+    """What a scheduler process keeps across reshapes (lives as long as the process)."""
+
+    launch_rank: int
+    topology: Topology
+    ctrl: Communicator
+    store: Any
+    decoder: DenseDecoder
+    pool_size: int  # KV slots (SGLang's max_total_num_tokens), fixed across layouts
+    dtype: torch.dtype  # parameters (identical on every rank, captured at start-up)
+    kv_dtype: torch.dtype
+    launch_overlap: bool  # the overlap scheduler as launched (PP layouts turn it off)
+    launch_cpus: list[set[int]]  # cores of each launch rank
+    epoch: int = 0
+    state: str = "serving"
+    pending: tuple[ReshapeOrder, Any] | None = None
+    staging: torch.Tensor | None = None
+    last_report: dict = field(default_factory=dict)
+
+    def staging_buffer(self) -> torch.Tensor:
+        if self.staging is None:
+            self.staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        return self.staging
+
+
+def order_key(epoch: int) -> str:
+    return f"remp/order/{epoch}"
+
+
+def publish_order(rt: RempRuntime, order: ReshapeOrder) -> None:
+    """Rank zero makes the order visible to parked ranks (they poll the store)."""
+    rt.store.set(order_key(order.epoch), pickle.dumps(order))
+
+
+def wait_for_order(rt: RempRuntime) -> ReshapeOrder:
+    """Park: hold nothing, join no collective, poll for the next order; exit with the parent."""
+    key, parent = order_key(rt.epoch + 1), os.getppid()
+    while not rt.store.check([key]):
+        if os.getppid() != parent:
+            raise SystemExit("remp: parent process gone while parked")
+        time.sleep(PARK_POLL_S)
+    return pickle.loads(rt.store.get(key))
+
+
+# ---------------------------------------------------------------------------------------
+def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
+    """Run one reshape on this rank; returns rank zero's report (partial elsewhere)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    old = rt.topology
+    new = Topology(order.tp, order.pp, old.world_size)
+    rank, t0 = rt.launch_rank, time.perf_counter()
+    was_active, now_active = old.is_active(rank), new.is_active(rank)
+    times: dict[str, float] = {}
+    rt.state = "reshaping"
+    device = torch.device(sched.device if was_active else _device_of(sched))
+
+    # 1-3: everything that can fail runs while the old world still serves.
+    state, old_params, old_pool, new_pool_obj = None, {}, None, None
+    error: BaseException | None = None
+    try:
+        new.check_model(rt.decoder.shape)
+        if was_active and rank == 0:
+            state = export_state(sched)
+            tree_slots = sorted({s for p in state.paths for s in p.slots})
+            if tree_slots != live_slots(sched).tolist():
+                raise MigrationError("KV slots are held outside the radix tree (requests "
+                                     "still running?); reshape needs an idle scheduler")
+            rt.store.set(f"remp/state/{order.epoch}", pickle.dumps(state))
+        if was_active:
+            runner = sched.tp_worker.model_runner
+            old_params = local_params(runner.model, rt.decoder, old, rank)
+            pool = runner.token_to_kv_pool
+            old_pool = KVPool(list(pool.k_buffer), list(pool.v_buffer))
+        if now_active:
+            new_pool_obj = _new_pool(rt, new, rank, device)
+    except Exception as exc:
+        error = exc
+    rt.ctrl.agree(error, "reshape preparation")
+    if state is None:
+        state = pickle.loads(rt.store.get(f"remp/state/{order.epoch}"))
+    times["prepare_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    weights = reshard_weights(rt.ctrl, old, new, rt.decoder, old_params, dtype=rt.dtype,
+                              device=device, staging_bytes=STAGING_BYTES,
+                              staging=rt.staging_buffer())
+    times["weights_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    kv_shape = _kv_shape(rt)
+    new_kv = None
+    if new_pool_obj is not None:
+        new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
+    live = torch.tensor(sorted({s for p in state.paths for s in p.slots}), dtype=torch.int64)
+    kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, rt.pool_size + 1,
+                    dtype=rt.kv_dtype, device=device, new_pool=new_kv, staging_bytes=STAGING_BYTES,
+                    staging=rt.staging_buffer())
+    times["kv_s"] = time.perf_counter() - t
+    del old_params, old_pool
+
+    # 4: point of no return - the old world goes away.
+    t = time.perf_counter()
+    if was_active:
+        _teardown(sched)
+    times["teardown_s"] = time.perf_counter() - t
+    rt.topology, rt.epoch = new, order.epoch
+    if now_active:
+        t = time.perf_counter()
+        _init_world(sched, rank, new, order.dist_port)
+        times["world_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _build_worker(sched, weights.params, new_pool_obj, rt.pool_size, order.dist_port)
+        times["model_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        import_state(sched, state, rt.pool_size)
+        _refresh_scheduler(sched)
+        times["cache_state_s"] = time.perf_counter() - t
+    sums = torch.tensor([kv.stats.bytes_sent, weights.stats.bytes_sent], dtype=torch.float64)
+    del weights
+    rebind_threads(rt, new)
+    gc.collect()
+    rt.ctrl.pg.allreduce([sums]).wait()
+    rt.ctrl.barrier()
+    rt.state = "serving"
+    times["total_s"] = time.perf_counter() - t0
+    report = {
+        "old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
+        "kv_bytes_moved": int(sums[0]), "weight_bytes_moved": int(sums[1]),
+        "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": int(live.numel()),
+        "cached_tokens_before": state.cached_tokens,
+        "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
+        else None,
+        "phases": {k: round(v, 4) for k, v in times.items()},
+    }
+    if now_active:
+        report["tp_after"] = get_parallel().tp_size
+    rt.last_report = report
+    logger.info("remp: reshape %s -> %s on rank %d: %s", (old.tp, old.pp), (new.tp, new.pp),
+                rank, report["phases"])
+    return report
+
+
+def _kv_shape(rt: RempRuntime):
+    return replace(rt.decoder.shape, dtype_bytes=torch.empty(0, dtype=rt.kv_dtype).element_size())
+
+
+def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device) -> Any:
+    """SGLang's pool for `rank` under `topo`: the same slots, its heads and layers."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    shape = rt.decoder.shape
+    layers = topo.layer_range(rank, shape.num_layers)
+    return MHATokenToKVPool(
+        rt.pool_size, page_size=1, dtype=rt.kv_dtype,
+        head_num=len(topo.kv_head_range(rank, shape.num_kv_heads)), head_dim=shape.head_dim,
+        layer_num=len(layers), device=str(device), enable_memory_saver=False,
+        start_layer=layers.start, end_layer=layers.stop,
+    )
+
+
+def _device_of(sched: Any) -> str:
+    from sglang.srt.runtime_context import get_device
+
+    return "cpu" if sched.server_args.device == "cpu" else f"cuda:{get_device().gpu_id}"
+
+
+def _teardown(sched: Any) -> None:
+    """Drop the old worker and pool, then destroy the SGLang world (groups and default PG)."""
+    from sglang.srt.distributed import parallel_state
+
+    sched.token_to_kv_pool_allocator._kvcache = None
+    for name in ("tp_worker", "model_worker", "weight_updater", "dp_attn_adapter",
+                 "batch_result_processor", "future_map"):
+        if hasattr(sched, name):
+            setattr(sched, name, None)
+    gc.collect()
+    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_distributed_environment()
+    parallel_state._SELF_PP = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _init_world(sched: Any, rank: int, topo: Topology, port: int) -> None:
+    from sglang.srt.distributed import bootstrap
+    from sglang.srt.runtime_context import derive_spawn_ranks, get_context, get_parallel
+
+    tp, pp = topo.tp, topo.pp
+    ranks = derive_spawn_ranks(world_rank=rank, tp_size=tp, ep_join_rank_offset=0,
+                               attn_cp_size=1, attn_tp_size=tp, moe_dp_size=1, moe_ep_size=1)
+    ranks.update(tp_size=tp, pp_size=pp, attn_tp_size=tp, moe_tp_size=tp,
+                 attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0, dp_rank=None,
+                 launch_world_rank=rank)
+    get_parallel().override_permanently(**ranks)
+    # As SGLang resolves a launch: PP runs without the overlap scheduler; micro-batches
+    # default to an even share of the running requests.
+    overlap = sched._remp.launch_overlap and pp == 1
+    get_context().override(
+        "remp.reshape", tp_size=tp, pp_size=pp, disable_overlap_schedule=not overlap,
+        pp_max_micro_batch_size=max(sched.max_running_requests // pp, 1),
+    )
+    sched.enable_overlap = overlap
+    sched.nccl_port = port
+    bootstrap.init_parallel_runtime(server_args=sched.server_args, device=sched.server_args.device,
+                                    dist_port=port)
+    bootstrap.init_layer_runtime(model_config=sched.model_config)
+
+
+def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int, port: int) -> None:
+    from sglang.srt.managers.tp_worker import TpModelWorker
+    from sglang.srt.runtime_context import get_device
+
+    with weights_from_memory(params):
+        worker = TpModelWorker(server_args=sched.server_args, gpu_id=get_device().gpu_id,
+                               nccl_port=port)
+    runner = worker.model_runner
+    alloc = sched.token_to_kv_pool_allocator
+    runner.req_to_token_pool = sched.req_to_token_pool
+    runner.token_to_kv_pool_allocator = alloc
+    runner.token_to_kv_pool = pool
+    alloc._kvcache = pool
+    runner.max_total_num_tokens = pool_size
+    runner.max_running_requests = sched.max_running_requests
+    runner._unified_memory_pool = None
+    runner.init_kv_cache_configurator()
+    runner._init_post_memory_pool_components()
+    worker.init_attention_backends()
+    worker.init_cuda_graphs()  # also sets the eager runners the forward path expects
+    sched.tp_worker = sched.model_worker = worker
+
+
+def _refresh_scheduler(sched: Any) -> None:
+    """Re-point what the scheduler cached from the old world and worker (notes, E11)."""
+    from sglang.srt.layers.dp_attention import get_dp_tp_group
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.runtime_context import get_parallel
+
+    par = get_parallel()
+    sched.forward_stream = sched.tp_worker.model_runner.forward_stream
+    sched.tp_size = par.tp_size
+    sched.tp_group, sched.pp_group, sched.world_group = par.tp_group, par.pp_group, par.world_group
+    sched.tp_cpu_group = sched.tp_group.cpu_group
+    sched.attn_tp_group = par.attn_tp_group
+    sched.attn_tp_cpu_group = sched.attn_tp_group.cpu_group
+    sched.attn_cp_group = par.attn_cp_group
+    sched.attn_cp_cpu_group = sched.attn_cp_group.cpu_group
+    sched.dp_tp_group = get_dp_tp_group()
+    sched.dp_tp_cpu_group = sched.dp_tp_group.cpu_group
+    sched.pad_input_ids_func = sched.tp_worker.get_pad_input_ids_func()
+    tree = sched.tree_cache
+    for attr, value in (("tp_group", sched.dp_tp_cpu_group),
+                        ("attn_tp_group", sched.attn_tp_cpu_group),
+                        ("attn_cp_group", sched.attn_cp_cpu_group),
+                        ("pp_group", par.pp_group.cpu_group), ("pp_rank", par.pp_rank),
+                        ("pp_size", par.pp_size), ("tp_world_size", par.tp_size)):
+        if hasattr(tree, attr):
+            setattr(tree, attr, value)
+    sched.init_overlap()
+    sched.init_weight_updater()
+    sched.init_profiler()
+    sched.init_request_dispatcher()
+    sched.init_dp_attn_adapter()
+    sched.init_batch_result_processor()
+    sched.init_rank_consensus_checker()
+    sched.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
+    sched.last_batch = None
+    sched.result_queue = deque()
+    sched.cur_batch_for_debug = None
+
+
+def cpus_for(launch_cpus: list[set[int]], topo: Topology, rank: int) -> set[int]:
+    """An active rank takes its own cores plus those of parked launch ranks r + k*N."""
+    n = topo.num_active
+    return set().union(*(launch_cpus[r] for r in range(rank, len(launch_cpus), n)))
+
+
+def rebind_threads(rt: RempRuntime, topo: Topology) -> None:
+    """Active ranks spread over every launched core; parked ones sleep and hold none."""
+    if not topo.is_active(rt.launch_rank):
+        return
+    cpus = cpus_for(rt.launch_cpus, topo, rt.launch_rank)
+    torch.set_num_threads(len(cpus))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
+
+
+def launch_cpus(world: int) -> list[set[int]]:
+    """Cores of each launch rank: SGLANG_CPU_OMP_THREADS_BIND if set, else an even split."""
+    spec = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND")
+    if spec:
+        out = []
+        for entry in spec.split("|")[:world]:
+            cores: set[int] = set()
+            for part in entry.split(","):
+                lo, _, hi = part.partition("-")
+                cores.update(range(int(lo), int(hi or lo) + 1))
+            out.append(cores)
+        if len(out) == world:
+            return out
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // world)
+    return [set(cores[(r * per) % len(cores):(r * per) % len(cores) + per]) for r in range(world)]

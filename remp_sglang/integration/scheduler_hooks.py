@@ -1,0 +1,175 @@
+"""Hooks installed in every scheduler process under --remp.
+
+- `after_scheduler_init`: builds the process's `RempRuntime` (control plane over every
+  launched rank, model description, KV slot count) while every launched rank is active.
+- `around_dispatch_event_loop`: a supervisor that applies the start-up layout, re-enters
+  the right loop (PP or not) after each reshape, and parks ranks outside the layout.
+- `after_init_request_dispatcher`: routes the topology and reshape messages.
+- `around_on_idle`: runs a pending reshape at the idle point, which every rank of the
+  world reaches in the same loop iteration.
+Handlers never raise into the event loop: errors become replies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from remp_sglang.comm import Communicator, MigrationError
+from remp_sglang.topology import Topology
+
+from .model_state import decoder_of
+from .plugin import config_from_env
+from .reshape import (
+    RempLoopRestart,
+    RempRuntime,
+    ReshapeOrder,
+    execute,
+    launch_cpus,
+    publish_order,
+    rebind_threads,
+    wait_for_order,
+)
+
+logger = logging.getLogger("sglang.srt.remp")
+CTRL_TIMEOUT_S = float(os.environ.get("REMP_CTRL_TIMEOUT_S", "120"))
+
+
+def runtime(scheduler: Any) -> RempRuntime | None:
+    return getattr(scheduler, "_remp", None)
+
+
+def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    from sglang.srt.runtime_context import get_parallel
+
+    config = config_from_env()
+    par = get_parallel()
+    rank = par.tp_size * par.pp_rank + par.tp_rank
+    world = config.launch_world_size
+    ctrl = Communicator.gloo("127.0.0.1", config.ctrl_port, rank, world, CTRL_TIMEOUT_S)
+    pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+    dtype = next(scheduler.tp_worker.model_runner.model.parameters()).dtype
+    try:
+        decoder = decoder_of(scheduler.model_config.hf_config, dtype)
+    except ValueError as error:
+        decoder = None
+        logger.warning("remp: reshapes disabled for this model: %s", error)
+    scheduler._remp = RempRuntime(
+        launch_rank=rank,
+        topology=Topology(config.launch_tp, config.launch_pp, world),
+        ctrl=ctrl,
+        store=ctrl.store,
+        decoder=decoder,
+        pool_size=int(scheduler.max_total_num_tokens),
+        dtype=dtype,
+        kv_dtype=pool.k_buffer[0].dtype,
+        launch_overlap=bool(scheduler.enable_overlap),
+        launch_cpus=launch_cpus(world),
+    )
+    return None
+
+
+def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
+    rt = runtime(scheduler)
+    if rt is None:
+        return original(scheduler)
+    config = config_from_env()
+    tp, pp = config.initial_layout
+    if (tp, pp) != (rt.topology.tp, rt.topology.pp):
+        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, config.initial_dist_port))
+    rebind_threads(rt, rt.topology)
+    while True:
+        if not rt.topology.is_active(rt.launch_rank):
+            order = wait_for_order(rt)
+            _run(scheduler, rt, order, recv_req=None)
+            continue
+        try:
+            return original(scheduler)
+        except RempLoopRestart:
+            continue
+
+
+def after_init_request_dispatcher(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Add the REMP request types to the scheduler's dispatcher (re-run after a rebuild)."""
+    from sglang.utils import TypeBasedDispatcher
+
+    from .messages import RempReshapeReqInput, RempTopologyReqInput
+
+    scheduler._request_dispatcher += TypeBasedDispatcher([
+        (RempTopologyReqInput, lambda req: handle_topology(scheduler, req)),
+        (RempReshapeReqInput, lambda req: handle_reshape(scheduler, req)),
+    ])
+    return None
+
+
+def handle_topology(scheduler: Any, request: Any) -> Any:
+    from .messages import RempTopologyReqOutput
+
+    config = config_from_env()
+    rt = runtime(scheduler)
+    try:
+        topo = rt.topology
+        return RempTopologyReqOutput(
+            tp=topo.tp, pp=topo.pp, world_size=topo.world_size,
+            active_ranks=list(topo.active_ranks), state=rt.state,
+            kv_capacity_tokens=int(scheduler.max_total_num_tokens),
+            launch_tp=config.launch_tp, launch_pp=config.launch_pp,
+            launch_world_size=config.launch_world_size,
+            initial_tp=config.initial_tp, initial_pp=config.initial_pp,
+            threads=torch.get_num_threads(), cpus=sorted(os.sched_getaffinity(0)),
+        )
+    except Exception as error:  # report instead of killing the scheduler
+        logger.exception("remp: topology request failed")
+        return RempTopologyReqOutput(state="error", error=f"{type(error).__name__}: {error}")
+
+
+def handle_reshape(scheduler: Any, request: Any) -> Any:
+    """Every active rank records the order; it runs at the next idle point."""
+    from .messages import RempReshapeReqOutput
+
+    rt = runtime(scheduler)
+    if rt.decoder is None:
+        return RempReshapeReqOutput(error="reshapes are disabled for this model (see log)",
+                                    status=400)
+    if rt.pending is not None:
+        return RempReshapeReqOutput(error="a reshape is already pending", status=409)
+    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.dist_port)
+    if rt.launch_rank == 0:
+        publish_order(rt, order)
+    rt.pending = (order, request)
+    return None
+
+
+def around_on_idle(original: Any, scheduler: Any) -> Any:
+    rt = runtime(scheduler)
+    if rt is None or rt.pending is None:
+        return original(scheduler)
+    order, request = rt.pending
+    rt.pending = None
+    if _run(scheduler, rt, order, request):
+        raise RempLoopRestart
+    return original(scheduler)
+
+
+def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any) -> bool:
+    """Execute an order; True if the layout changed. Rank zero answers the HTTP request."""
+    from .messages import RempReshapeReqOutput
+
+    try:
+        report = execute(scheduler, rt, order)
+        out = RempReshapeReqOutput(report_json=json.dumps(report))
+        changed = True
+    except MigrationError as error:  # agreed before teardown: the old layout still serves
+        rt.epoch = order.epoch
+        rt.state = "serving"
+        logger.warning("remp: reshape aborted, old layout kept: %s", error)
+        out = RempReshapeReqOutput(error=f"reshape aborted, old layout kept: {error}",
+                                   status=500)
+        changed = False
+    if recv_req is not None and rt.launch_rank == 0:
+        scheduler.send_control_output(out, recv_req)
+    return changed

@@ -1,0 +1,127 @@
+"""The SGLang plugin entry point: ``--remp`` and ``GET /remp/topology`` on a real server.
+
+The servers load the plugin through the ``sglang.srt.plugins`` entry point. Until the
+package declares it in ``pyproject.toml`` (and is installed), the test writes a scratch
+``.dist-info`` that declares it and puts it, with the repository root, on the server's
+``PYTHONPATH``; ``SGLANG_PLUGINS=remp`` keeps any other installed plugin out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remp_sglang.integration.plugin import ENV_CONFIG, RempConfig, config_from_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINT_GROUP = "sglang.srt.plugins"
+ENTRY_POINT_NAME = "remp"
+ENTRY_POINT_VALUE = "remp_sglang.integration.plugin:register"
+
+
+# ----------------------------------------------------------------------------- fast checks
+
+
+def test_config_round_trip_and_validation() -> None:
+    config = RempConfig(launch_tp=2, launch_pp=2, initial_tp=2, initial_pp=1)
+    config.validate()
+    assert config.launch_world_size == 4
+    assert config_from_env({ENV_CONFIG: config.to_json()}) == config
+    assert config_from_env({}) is None
+    with pytest.raises(ValueError, match="needs 4 ranks"):
+        RempConfig(launch_tp=2, launch_pp=1, initial_tp=4).validate()
+    with pytest.raises(ValueError, match=">= 1"):
+        RempConfig(launch_tp=2, initial_pp=0).validate()
+    with pytest.raises(ValueError, match="malformed"):
+        config_from_env({ENV_CONFIG: "{not json"})
+
+
+def test_plugin_module_does_not_import_sglang() -> None:
+    code = (
+        "import sys, remp_sglang.integration.plugin as p; "
+        "assert not any(m == 'sglang' or m.startswith('sglang.') for m in sys.modules), "
+        "sorted(m for m in sys.modules if m.startswith('sglang'))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+# ----------------------------------------------------------------------------- real servers
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Server environment in which SGLang finds the ``remp`` entry point (and only it)."""
+    entry_dir = tmp_path_factory.mktemp("remp-entry-point")
+    dist_info = entry_dir / "remp_sglang_test_entry_point-0.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: remp-sglang-test-entry-point\nVersion: 0.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\n{ENTRY_POINT_NAME} = {ENTRY_POINT_VALUE}\n"
+    )
+    python_path = [str(entry_dir), str(REPO_ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        python_path.append(os.environ["PYTHONPATH"])
+    env = {"PYTHONPATH": os.pathsep.join(python_path), "SGLANG_PLUGINS": ENTRY_POINT_NAME}
+    # The server's interpreter must see the entry point, or the negative test proves nothing.
+    probe = (
+        "import json, importlib.metadata as m; "
+        f"print(json.dumps([e.value for e in m.entry_points(group={ENTRY_POINT_GROUP!r}) "
+        f"if e.name == {ENTRY_POINT_NAME!r}]))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert ENTRY_POINT_VALUE in json.loads(found.stdout), found.stdout
+    return env
+
+
+@pytest.mark.slow
+def test_topology_route_at_tp2(tiny_llama_dir, sglang_server_factory, plugin_env) -> None:
+    server = sglang_server_factory(tiny_llama_dir, tp=2, extra_args=("--remp",), env=plugin_env)
+    try:
+        response = server.get("/remp/topology", timeout=180)
+        assert response.status_code == 200, response.text
+        topology = response.json()
+        assert topology["tp"] == 2
+        assert topology["pp"] == 1
+        assert topology["world_size"] == 2
+        assert topology["active_ranks"] == [0, 1]
+        assert topology["state"] == "serving"
+        assert topology["launch_world_size"] == 2
+        # The schedulers' pool size, as SGLang itself reports it.
+        info = server.server_info()
+        assert topology["kv_capacity_tokens"] == info["max_total_num_tokens"]
+        assert topology["kv_capacity_tokens"] > 0
+
+        # Serving is unaffected, and the route still answers after a batch has run.
+        output_ids = server.generate_ids("The quick brown fox", max_new_tokens=4)
+        assert len(output_ids) == 4
+        assert server.get("/remp/topology", timeout=180).json() == topology
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_without_remp_the_plugin_is_inert(
+    tiny_llama_dir, sglang_server_factory, plugin_env
+) -> None:
+    server = sglang_server_factory(tiny_llama_dir, tp=1, env=plugin_env)
+    try:
+        assert server.get("/remp/topology", timeout=60).status_code == 404
+        assert "remp_sglang enabled" not in server.log_tail(10_000)
+        output_ids = server.generate_ids("The quick brown fox", max_new_tokens=4)
+        assert len(output_ids) == 4
+        assert server.server_info()["tp_size"] == 1
+    finally:
+        server.shutdown()
