@@ -26,7 +26,7 @@ if [ "$(cat "$VENV/.remp-deps" 2>/dev/null)" != "$deps_key" ]; then
   echo "$deps_key" > "$VENV/.remp-deps"
 fi
 
-shim_key=$(key $(find compat/sgl_kernel_cpu -type f -not -path '*/__pycache__/*' | sort))
+shim_key=$(key compat/sgl_kernel_cpu/pyproject.toml $(find compat/sgl_kernel_cpu/sgl_kernel -name '*.py' | sort))
 shim_state=$("$PY" - <<'PYEOF' 2>/dev/null || echo missing
 import importlib.metadata as md
 import sgl_kernel  # noqa: F401  (fails where no sgl_kernel imports)
@@ -44,7 +44,7 @@ if [ "$shim_state" = missing ] || { [ "$shim_state" = shim ] && [ "$(cat "$VENV/
 fi
 
 ext_key=$(key setup.py pyproject.toml $(find csrc -type f | sort))
-if [ "$(cat "$VENV/.remp-ext" 2>/dev/null)" != "$ext_key" ] || ! "$PY" -c 'import remp_sglang._C' 2>/dev/null; then
+if [ "$(cat "$VENV/.remp-ext" 2>/dev/null)" != "$ext_key" ] || ! "$PY" -c 'import torch, remp_sglang._C' 2>/dev/null; then
   step "building the remp extension (C++; CUDA too when nvcc is found, REMP_CUDA=0/1 forces)"
   MAX_JOBS=${MAX_JOBS:-2} pip --no-build-isolation --no-deps -e .
   echo "$ext_key" > "$VENV/.remp-ext"
