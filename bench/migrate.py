@@ -146,7 +146,6 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 "peak_gib": max(r[1] for r in per_rank) / 2**30, "bytes_per_rank": [],
             })
             del params, res
-    comm.barrier()
     comm.close()
     if rank == 0:
         queue.put({"p2p_GBps": bw / 1e9, "rows": rows})

@@ -52,8 +52,21 @@ class Communicator:
         work.wait(datetime.timedelta(seconds=self.timeout_s))
 
     def close(self) -> None:
-        """Stop the group's threads (gloo aborts the process if they outlive it)."""
+        """Orderly end: every rank stops its group's threads, and the rank hosting the
+        store leaves last (gloo aborts a process whose peer's store vanished under it)."""
+        try:
+            self.barrier()
+        except RuntimeError:  # a failed transfer may have closed the pairs already
+            pass
         self.pg.shutdown()
+        if self.store is None:
+            return
+        self.store.add("closed", 1)
+        deadline = time.monotonic() + self.timeout_s
+        while self.rank == 0 and self.store.add("closed", 0) < self.world_size:
+            if time.monotonic() > deadline:
+                raise MigrationError("peers did not close the group in time")
+            time.sleep(0.01)
 
     def next_tag(self) -> int:
         """Tags keep a late message of an aborted step from matching a later step."""

@@ -107,7 +107,6 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
             with pytest.raises(MigrationError, match="do not fit"):
                 migrate_kv(comm, old, new, shape, shard_pool(full_k, full_v, old, rank, shape),
                            live, 10, dtype=torch.float32)
-        comm.barrier()  # nobody tears the group down while a peer still uses it
         comm.close()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
@@ -183,7 +182,6 @@ def _weights_world(rank: int, world: int, port: int, errors) -> None:
                 for key in want:
                     assert torch.equal(res.params[key], want[key]), (old, new, rank, key)
                 assert res.stats.staging_bytes <= staging
-        comm.barrier()
         comm.close()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
