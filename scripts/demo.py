@@ -1,12 +1,13 @@
-"""Serve a generated tiny model with a real SGLang server on CPU and query it.
+"""remp-sglang end to end: a live SGLang server reshaped across layouts, vs restarting it.
 
-    python scripts/demo.py [--tp 2] [--pp 1] [--arch llama] [--max-new-tokens 16]
+    python scripts/demo.py [--arch llama] [--layouts 1x1,1x2,2x1] [--no-restarts]
 
-Writes the model to ``.artifacts/demo/<arch>`` (regenerated, byte-identical, every
-run), starts ``sglang.launch_server`` through ``remp_sglang.testing``, sends a few
-prompts (each twice: the second answer comes from the prefix cache), prints the
-completions and timings, and shuts the server down. The greedy model is random, so
-the completions are gibberish; what matters is that they are deterministic.
+Generates a tiny random-weight model (``.artifacts/demo/<arch>``, byte-identical every
+run), starts a real ``sglang.launch_server --remp`` on CPU at TP 2, sends traffic (so
+the radix cache holds prefixes), then reshapes it through ``POST /remp/reshape`` across
+the layouts, checking after each switch that a repeated prompt still hits the cache and
+gives the same greedy tokens. For each layout it also times a full restart (a fresh
+server at that layout, launch to healthy) in the same run, and prints one table.
 """
 
 from __future__ import annotations
@@ -19,44 +20,74 @@ from remp_sglang.testing import SGLangServer, launch_sglang_server
 from remp_sglang.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ("The quick brown fox", "Hello, world! How are you today?")
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "Hello, world! How are you today? I am a prompt that wants to be cached.",
+    "def main(): return sum(range(10))  # a line of code as a prompt",
+)
+NEW_TOKENS = 12
 
 
-def query(server: SGLangServer, prompt: str, max_new_tokens: int) -> None:
-    """Send one prompt and print its completion, latency and prefix-cache use."""
+def traffic(server: SGLangServer) -> tuple[list[list[int]], int]:
+    """Every prompt once; returns the outputs and the first prompt's cached tokens."""
+    outputs = [server.generate(p, NEW_TOKENS) for p in PROMPTS]
+    return [o["output_ids"] for o in outputs], outputs[0]["meta_info"]["cached_tokens"]
+
+
+def restart_time(model_dir: Path, tp: int, pp: int, log_dir: Path) -> float:
+    """Launch-to-healthy of a fresh stock server at (tp, pp): a restart's floor."""
     started = time.perf_counter()
-    response = server.generate(prompt, max_new_tokens)
-    elapsed = time.perf_counter() - started
-    meta = response["meta_info"]
-    print(
-        f"  {prompt!r} -> {response['text']!r}\n"
-        f"    ids {response['output_ids']}\n"
-        f"    {elapsed:.2f}s, {meta['completion_tokens'] / elapsed:.1f} tok/s, "
-        f"{meta['cached_tokens']}/{meta['prompt_tokens']} prompt tokens cached"
-    )
+    with launch_sglang_server(model_dir, tp=tp, pp=pp, log_dir=log_dir) as server:
+        server.generate(PROMPTS[0], 1)
+        return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,1x1,2x1",
+                        help="TPxPP layouts to reshape through, in order (launch: 2x1)")
+    parser.add_argument("--no-restarts", action="store_true", help="skip the restart timings")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "demo")
     args = parser.parse_args()
+    layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",")]
 
     model_dir = make_tiny_model(args.out / args.arch, args.arch)
     print(f"model: {model_dir}")
-    started = time.perf_counter()
-    with launch_sglang_server(model_dir, tp=args.tp, pp=args.pp, log_dir=args.out) as server:
-        print(f"server tp={args.tp} pp={args.pp} healthy after {server.startup_s:.1f}s")
-        print(f"log: {server.log_path}")
-        for prompt in PROMPTS:
-            for _ in range(2):
-                query(server, prompt, args.max_new_tokens)
-        stopping = time.perf_counter()
-    print(f"shut down in {time.perf_counter() - stopping:.1f}s")
-    print(f"total {time.perf_counter() - started:.1f}s")
+    rows = []
+    with launch_sglang_server(model_dir, tp=2, extra_args=("--remp",), log_dir=args.out) as server:
+        print(f"server --remp tp=2 healthy after {server.startup_s:.1f}s; log {server.log_path}")
+        reference, _ = traffic(server)
+        _, cached = traffic(server)
+        print(f"traffic sent; a repeated prompt has {cached} tokens cached")
+        for tp, pp in layouts:
+            response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
+            response.raise_for_status()
+            report = response.json()
+            outputs, cached_after = traffic(server)
+            topo = server.get("/remp/topology").json()
+            assert (topo["tp"], topo["pp"]) == (tp, pp), topo
+            rows.append({**report, "same_output": outputs == reference,
+                         "repeat_cached": cached_after})
+            print(f"reshaped {report['old']} -> {report['new']} in {report['downtime_s']:.3f}s")
+    restarts: dict[tuple[int, int], float] = {}
+    if not args.no_restarts:
+        for layout in dict.fromkeys(layouts):
+            restarts[layout] = restart_time(model_dir, *layout, args.out)
+            print(f"restart at tp={layout[0]} pp={layout[1]}: {restarts[layout]:.1f}s")
+
+    print("\n# live reshape vs full restart (same run; restart = launch to first token)")
+    print(f"{'switch':>13} {'downtime s':>10} {'restart s':>9} {'speedup':>8} {'KV bytes':>9} "
+          f"{'weight bytes':>12} {'cached before':>13} {'after':>6} {'same out':>8}")
+    for r in rows:
+        layout = (r["new"]["tp"], r["new"]["pp"])
+        restart = restarts.get(layout)
+        switch = f"{r['old']['tp']}x{r['old']['pp']}->{layout[0]}x{layout[1]}"
+        speed = f"{restart / r['downtime_s']:.0f}x" if restart else "-"
+        print(f"{switch:>13} {r['downtime_s']:>10.3f} {restart or float('nan'):>9.1f} {speed:>8} "
+              f"{r['kv_bytes_moved']:>9} {r['weight_bytes_moved']:>12} "
+              f"{r['cached_tokens_before']:>13} {r['cached_tokens_after']:>6} "
+              f"{'yes' if r['same_output'] else 'NO':>8}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
 """The SGLang plugin entry point: ``--remp`` and ``GET /remp/topology`` on a real server.
 
-The servers load the plugin through the ``sglang.srt.plugins`` entry point. Until the
-package declares it in ``pyproject.toml`` (and is installed), the test writes a scratch
-``.dist-info`` that declares it and puts it, with the repository root, on the server's
-``PYTHONPATH``; ``SGLANG_PLUGINS=remp`` keeps any other installed plugin out.
+The servers load the plugin through the ``sglang.srt.plugins`` entry point that
+``pyproject.toml`` declares (the set-up script installs the package in editable mode);
+``SGLANG_PLUGINS=remp`` keeps any other installed plugin out.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from remp_sglang.integration.plugin import ENV_CONFIG, RempConfig, config_from_env
+from remp_sglang.integration.plugin import (
+    ENV_CONFIG,
+    RempConfig,
+    config_from_env,
+    validate_layout,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT_GROUP = "sglang.srt.plugins"
@@ -41,6 +44,34 @@ def test_config_round_trip_and_validation() -> None:
         config_from_env({ENV_CONFIG: "{not json"})
 
 
+def test_reshape_request_validation_names_the_reason() -> None:
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(architectures=["LlamaForCausalLM"], num_attention_heads=8,
+                         num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=3, vocab_size=300, tie_word_embeddings=False)
+    config = RempConfig(launch_tp=8, launch_pp=1)
+    assert validate_layout({"tp": 4, "pp": 2}, config, hf) == (4, 2)
+    assert validate_layout({"tp": 2}, config, hf) == (2, 1)
+    for body, reason in [
+        ({"tp": 3}, "attention heads"),
+        ({"tp": 1, "pp": 4}, "exceeds the 3 layers"),
+        ({"tp": 8, "pp": 2}, "exceeds the 8 ranks"),
+        ({"tp": 2.0}, "integer"),
+        ({"pp": -1}, ">= 1"),
+        ({"tp": 1, "layout": 1}, "unknown fields"),
+        ("tp=2", "JSON object"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            validate_layout(body, config, hf)
+    assert validate_layout({"tp": 8}, config, hf) == (8, 1)  # GPU: KV heads replicated
+    with pytest.raises(ValueError, match="on CPU, tp=8 must divide the 2 KV heads"):
+        validate_layout({"tp": 8}, config, hf, cpu=True)
+    with pytest.raises(ValueError, match="tied word embeddings"):
+        validate_layout({"tp": 1}, config, SimpleNamespace(**{**vars(hf),
+                                                                "tie_word_embeddings": True}))
+
+
 def test_plugin_module_does_not_import_sglang() -> None:
     code = (
         "import sys, remp_sglang.integration.plugin as p; "
@@ -54,36 +85,19 @@ def test_plugin_module_does_not_import_sglang() -> None:
 
 
 @pytest.fixture(scope="module")
-def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Server environment in which SGLang finds the ``remp`` entry point (and only it)."""
-    entry_dir = tmp_path_factory.mktemp("remp-entry-point")
-    dist_info = entry_dir / "remp_sglang_test_entry_point-0.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: remp-sglang-test-entry-point\nVersion: 0.0\n"
-    )
-    (dist_info / "entry_points.txt").write_text(
-        f"[{ENTRY_POINT_GROUP}]\n{ENTRY_POINT_NAME} = {ENTRY_POINT_VALUE}\n"
-    )
-    python_path = [str(entry_dir), str(REPO_ROOT)]
-    if os.environ.get("PYTHONPATH"):
-        python_path.append(os.environ["PYTHONPATH"])
-    env = {"PYTHONPATH": os.pathsep.join(python_path), "SGLANG_PLUGINS": ENTRY_POINT_NAME}
-    # The server's interpreter must see the entry point, or the negative test proves nothing.
+def plugin_env() -> dict[str, str]:
+    """The installed package declares the entry point; SGLANG_PLUGINS keeps others out."""
     probe = (
         "import json, importlib.metadata as m; "
         f"print(json.dumps([e.value for e in m.entry_points(group={ENTRY_POINT_GROUP!r}) "
         f"if e.name == {ENTRY_POINT_NAME!r}]))"
     )
     found = subprocess.run(
-        [sys.executable, "-c", probe],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
     )
+    # The server's interpreter must see the entry point, or the negative test proves nothing.
     assert ENTRY_POINT_VALUE in json.loads(found.stdout), found.stdout
-    return env
+    return {"SGLANG_PLUGINS": ENTRY_POINT_NAME}
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ it under --remp): the Rust core offers no node access.
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -122,3 +123,22 @@ def import_state(scheduler: Any, state: CacheState, pool_size: int) -> None:
     alloc.free_pages = torch.tensor(state.free_pages, dtype=torch.int64, device=device)
     alloc.release_pages = torch.tensor(state.release_pages, dtype=torch.int64, device=device)
     scheduler.req_to_token_pool.free_slots = list(state.free_request_slots)
+
+
+def kv_digest(scheduler: Any, layers: range, heads: range) -> dict[str, str]:
+    """Hash of the live KV rows per (global layer, global KV head): a layout-free identity.
+
+    Test hook: equal digests before and after a reshape mean every cached row arrived
+    bit-identical, whichever ranks hold it now.
+    """
+    pool = scheduler.tp_worker.model_runner.token_to_kv_pool
+    slots = live_slots(scheduler)
+    out = {}
+    for i, layer in enumerate(layers):
+        k, v = pool.k_buffer[i][slots], pool.v_buffer[i][slots]
+        for j, head in enumerate(heads):
+            h = hashlib.sha256()
+            for t in (k[:, j], v[:, j]):
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            out[f"{layer}:{head}"] = h.hexdigest()[:20]
+    return out

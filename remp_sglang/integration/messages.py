@@ -68,3 +68,17 @@ class RempReshapeReqOutput(BaseReq, kw_only=True):
 
 
 MESSAGE_TYPES = MESSAGE_TYPES + (RempReshapeReqInput, RempReshapeReqOutput)
+
+
+class RempKVDigestReqInput(BaseReq, kw_only=True):
+    """Test hook: every active rank hashes its live KV rows into the control store."""
+
+    nonce: str = ""
+
+
+class RempKVDigestReqOutput(BaseReq, kw_only=True):
+    ranks: list[int] = msgspec.field(default_factory=list)  # whose digests to collect
+    error: str | None = None
+
+
+MESSAGE_TYPES = MESSAGE_TYPES + (RempKVDigestReqInput, RempKVDigestReqOutput)

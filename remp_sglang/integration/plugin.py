@@ -48,6 +48,9 @@ except ImportError:  # pragma: no cover - only SGLang processes serve the routes
 ENV_CONFIG = "REMP_SGLANG_CONFIG"
 ROUTE_TOPOLOGY = "/remp/topology"
 ROUTE_RESHAPE = "/remp/reshape"
+#: Test hook (only with REMP_DEBUG_ROUTES=1): a layout-free digest of the cached KV rows.
+ROUTE_KV_DIGEST = "/remp/debug/kv_digest"
+ENV_DEBUG_ROUTES = "REMP_DEBUG_ROUTES"
 #: How long a reshape may take end to end (drain included) before the route gives up.
 RESHAPE_TIMEOUT_S = 900.0
 #: How long the topology route waits for scheduler rank zero (it answers between batches).
@@ -241,6 +244,10 @@ def _enable_main_process(config: RempConfig) -> None:
     http_server.app.add_api_route(
         ROUTE_RESHAPE, _reshape_route, methods=["POST"], name="remp_reshape"
     )
+    if os.environ.get(ENV_DEBUG_ROUTES) == "1":
+        http_server.app.add_api_route(
+            ROUTE_KV_DIGEST, _kv_digest_route, methods=["GET"], name="remp_kv_digest"
+        )
     HookRegistry.register(
         "sglang.srt.utils.common.build_server_info", _after_build_server_info, HookType.AFTER
     )
@@ -327,8 +334,54 @@ async def _topology_route() -> Any:
     return JSONResponse(data, status_code=500 if "error" in data else 200)
 
 
-def validate_layout(body: Any, config: RempConfig, hf_config: Any) -> tuple[int, int]:
-    """(tp, pp) from a reshape request, or ValueError with the reason (-> HTTP 400)."""
+async def _kv_digest_route() -> Any:
+    import uuid
+
+    from fastapi.responses import JSONResponse
+
+    from remp_sglang.integration.messages import RempKVDigestReqInput, RempKVDigestReqOutput
+
+    tokenizer_manager = _tokenizer_manager()
+    if tokenizer_manager is None:
+        return JSONResponse({"error": "server is not ready"}, status_code=503)
+    nonce = uuid.uuid4().hex
+    replies = await asyncio.wait_for(
+        _communicator(tokenizer_manager, RempKVDigestReqOutput)(
+            RempKVDigestReqInput(nonce=nonce)
+        ),
+        timeout=TOPOLOGY_TIMEOUT_S,
+    )
+    if replies[0].error:
+        return JSONResponse({"error": replies[0].error}, status_code=500)
+    merged = await asyncio.to_thread(_collect_digests, nonce, replies[0].ranks)
+    return JSONResponse(merged)
+
+
+def _collect_digests(nonce: str, ranks: list[int]) -> dict[str, list[str]]:
+    """Per (layer, head), the distinct digests of its holders (replicas of a KV head are
+    computed independently on each TP rank and may differ in the last bits)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    config = config_from_env()
+    store = dist.TCPStore("127.0.0.1", config.ctrl_port, is_master=False,
+                          timeout=datetime.timedelta(seconds=TOPOLOGY_TIMEOUT_S))
+    merged: dict[str, set[str]] = {}
+    for rank in ranks:
+        for key, value in json.loads(store.get(f"remp-dbg/{nonce}/{rank}")).items():
+            merged.setdefault(key, set()).add(value)
+    return {key: sorted(values) for key, values in sorted(merged.items())}
+
+
+def validate_layout(
+    body: Any, config: RempConfig, hf_config: Any, cpu: bool = False
+) -> tuple[int, int]:
+    """(tp, pp) from a reshape request, or ValueError with the reason (-> HTTP 400).
+
+    On CPU, SGLang pads KV (and query) heads when tp does not divide the KV heads rather
+    than replicating them as on GPU; remp moves only unpadded layouts there.
+    """
     from remp_sglang.topology import Topology
 
     if not isinstance(body, dict):
@@ -352,7 +405,11 @@ def validate_layout(body: Any, config: RempConfig, hf_config: Any) -> tuple[int,
                          f"server was launched with")
     from remp_sglang.integration.model_state import decoder_of
 
-    topo.check_model(decoder_of(hf_config, torch_dtype_of(hf_config)).shape)
+    shape = decoder_of(hf_config, torch_dtype_of(hf_config)).shape
+    topo.check_model(shape)
+    if cpu and shape.num_kv_heads % tp:
+        raise ValueError(f"on CPU, tp={tp} must divide the {shape.num_kv_heads} KV heads "
+                         "(SGLang pads heads there instead of replicating them)")
     return tp, pp
 
 
@@ -378,7 +435,8 @@ async def _reshape_route(request: Request) -> Any:
     except ValueError as error:
         return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
     try:
-        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config)
+        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
+                                 cpu=tokenizer_manager.server_args.device == "cpu")
     except ValueError as error:
         return JSONResponse({"error": str(error)}, status_code=400)
     if _main_view["lock"] is None:

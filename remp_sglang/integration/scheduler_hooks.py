@@ -22,6 +22,7 @@ import torch
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.topology import Topology
 
+from .cache_state import kv_digest
 from .model_state import decoder_of
 from .plugin import config_from_env
 from .reshape import (
@@ -54,7 +55,12 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     pool = scheduler.tp_worker.model_runner.token_to_kv_pool
     dtype = next(scheduler.tp_worker.model_runner.model.parameters()).dtype
     try:
-        decoder = decoder_of(scheduler.model_config.hf_config, dtype)
+        hf = scheduler.model_config.hf_config
+        if getattr(hf, "original_total_num_kv_heads", hf.num_key_value_heads) != \
+                hf.num_key_value_heads:
+            raise ValueError("SGLang padded the KV heads for this launch layout (CPU, tp not "
+                             "dividing the KV heads); launch at a layout that divides them")
+        decoder = decoder_of(hf, dtype)
     except ValueError as error:
         decoder = None
         logger.warning("remp: reshapes disabled for this model: %s", error)
@@ -97,13 +103,34 @@ def after_init_request_dispatcher(result: Any, scheduler: Any, *args: Any, **kwa
     """Add the REMP request types to the scheduler's dispatcher (re-run after a rebuild)."""
     from sglang.utils import TypeBasedDispatcher
 
-    from .messages import RempReshapeReqInput, RempTopologyReqInput
+    from .messages import RempKVDigestReqInput, RempReshapeReqInput, RempTopologyReqInput
 
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (RempTopologyReqInput, lambda req: handle_topology(scheduler, req)),
         (RempReshapeReqInput, lambda req: handle_reshape(scheduler, req)),
+        (RempKVDigestReqInput, lambda req: handle_kv_digest(scheduler, req)),
     ])
     return None
+
+
+def handle_kv_digest(scheduler: Any, request: Any) -> Any:
+    """Each active rank posts its digest to the store; the HTTP route merges them.
+
+    Never waits here: with PP, later stages only receive the request after rank zero's
+    handler has returned.
+    """
+    from .messages import RempKVDigestReqOutput
+
+    rt = runtime(scheduler)
+    topo, rank, shape = rt.topology, rt.launch_rank, rt.decoder.shape
+    try:
+        mine = kv_digest(scheduler, topo.layer_range(rank, shape.num_layers),
+                         topo.kv_head_range(rank, shape.num_kv_heads))
+        rt.store.set(f"remp-dbg/{request.nonce}/{rank}", json.dumps(mine))
+        return RempKVDigestReqOutput(ranks=list(topo.active_ranks))
+    except Exception as error:
+        logger.exception("remp: kv digest failed")
+        return RempKVDigestReqOutput(error=f"{type(error).__name__}: {error}")
 
 
 def handle_topology(scheduler: Any, request: Any) -> Any:

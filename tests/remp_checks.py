@@ -1,0 +1,57 @@
+"""Checks shared by the live-reshape test modules (real servers, --remp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PROMPTS = ("The quick brown fox", "Hello, world! How are you today?", "def main(): return 0")
+NEW_TOKENS = 12
+
+
+def transformers_greedy(model_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    prompts, outputs = [], []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            prompts.append(ids[0].tolist())
+            outputs.append(out[0, ids.shape[1]:].tolist())
+    return prompts, outputs
+
+
+def reshape(server, tp: int, pp: int) -> dict:
+    response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
+    assert response.status_code == 200, response.text + server.log_tail(80)
+    return response.json()
+
+
+def topology(server) -> dict:
+    response = server.get("/remp/topology", timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def digest(server) -> dict:
+    response = server.get("/remp/debug/kv_digest", timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def check_greedy(server, reference) -> None:
+    prompts, outputs = reference
+    for ids, want in zip(prompts, outputs, strict=True):
+        assert server.generate_ids(ids, NEW_TOKENS) == want
+
+
+def same_rows(before: dict, after: dict) -> bool:
+    """Every (layer, KV head) now holds rows bit-identical to one of its holders before."""
+    return before.keys() == after.keys() and all(
+        set(after[key]) <= set(before[key]) for key in before
+    )

@@ -1,0 +1,178 @@
+"""Live TP/PP reshapes of a real SGLang server launched with --remp on 2 ranks.
+
+One server per model for the whole module. After every switch: the greedy output of
+several prompts equals transformers' on the same weights (float32), a repeated prompt
+hits the prefix cache at least as much as before, every cached KV row is bit-identical
+(a layout-free digest, re-gathered across ranks, through a test hook), and everything
+that reports the layout follows it. The checkpoint's weight files are deleted once the
+server is up, so every reshape proves that weights move between ranks, not from disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from remp_checks import (
+    NEW_TOKENS,
+    check_greedy,
+    digest,
+    reshape,
+    same_rows,
+    topology,
+    transformers_greedy,
+)
+
+pytestmark = pytest.mark.slow
+
+# TP 2 -> 1 -> 2; TP1 PP2 <-> TP2 PP1; PP 1 <-> 2 (TP1 PP1 <-> TP1 PP2).
+SEQUENCE = [(1, 1), (2, 1), (1, 2), (2, 1), (1, 2), (1, 1), (2, 1)]
+
+
+def copy_model(model_dir: Path, dest: Path) -> Path:
+    shutil.copytree(model_dir, dest)
+    return dest
+
+
+def drop_weights(model_dir: Path) -> None:
+    files = list(model_dir.glob("*.safetensors"))
+    assert files
+    for f in files:
+        f.unlink()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
+    model_dir = copy_model(tiny_llama_dir, tmp_path_factory.mktemp("remp") / "llama")
+    reference = transformers_greedy(model_dir)
+    server = sglang_server_factory(model_dir, tp=2, extra_args=("--remp",),
+                                   env={"REMP_DEBUG_ROUTES": "1"})
+    drop_weights(model_dir)
+    yield server, reference
+    server.shutdown()
+
+
+def test_invalid_reshapes_are_rejected_and_serving_goes_on(llama):
+    server, reference = llama
+    cases = [
+        ({"tp": "2"}, "integer"),
+        ({"tp": True}, "integer"),
+        ({"tp": 0}, ">= 1"),
+        ({"tp": 2, "pp": 2}, "exceeds the 2 ranks"),
+        ({"tp": 1, "pp": 1, "dp": 2}, "unknown fields"),
+        ([1, 2], "JSON object"),
+    ]
+    for body, reason in cases:
+        response = server.post("/remp/reshape", body, timeout=60)
+        assert response.status_code == 400, (body, response.text)
+        assert reason in response.json()["error"], (body, response.json())
+    bad_json = server._session.post(server.base_url + "/remp/reshape", data="{not json",
+                                    headers={"Content-Type": "application/json"}, timeout=60)
+    assert bad_json.status_code == 400
+    assert topology(server)["tp"] == 2
+    check_greedy(server, reference)
+
+
+def test_switch_sequence_keeps_cache_and_output(llama):
+    server, reference = llama
+    prompts, _ = reference
+    check_greedy(server, reference)  # fills the radix cache
+    launch_cpus = topology(server)["cpus"]
+    for tp, pp in SEQUENCE:
+        cached_before = server.generate(prompts[0], NEW_TOKENS)["meta_info"]["cached_tokens"]
+        before = digest(server)
+        old = topology(server)
+        report = reshape(server, tp, pp)
+
+        assert report["old"] == {"tp": old["tp"], "pp": old["pp"]}
+        assert report["new"] == {"tp": tp, "pp": pp}
+        assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
+        assert report["weight_bytes_moved"] > 0
+        assert report["downtime_s"] > 0 and set(report["phases"]) >= {"weights_s", "kv_s"}
+        switch = f"{old['tp']}x{old['pp']}->{tp}x{pp}"
+        assert same_rows(before, digest(server)), f"KV rows changed in {switch}"
+
+        topo = topology(server)
+        assert (topo["tp"], topo["pp"], topo["state"]) == (tp, pp, "serving")
+        assert topo["active_ranks"] == list(range(tp * pp))
+        info = server.server_info()
+        assert (info["tp_size"], info["pp_size"]) == (tp, pp)
+        # An active rank spreads over the cores of the ranks parked beside it.
+        assert topo["threads"] == len(topo["cpus"])
+        if tp * pp == 1:
+            assert set(topo["cpus"]) > set(launch_cpus)
+        else:
+            assert topo["cpus"] == launch_cpus
+
+        response = server.generate(prompts[0], NEW_TOKENS)
+        assert response["meta_info"]["cached_tokens"] >= cached_before
+        check_greedy(server, reference)
+
+
+def test_requests_wait_during_reshape_and_a_second_reshape_gets_409(llama):
+    server, reference = llama
+    prompts, outputs = reference
+    start_tp = topology(server)["tp"]
+    target = (1, 1) if start_tp == 2 else (2, 1)
+    results: dict[str, object] = {}
+
+    def long_generation() -> None:  # holds the drain open while the rest happens
+        results["long"] = server.generate(prompts[1], 48)
+
+    def first_reshape() -> None:
+        results["reshape"] = server.post("/remp/reshape", {"tp": target[0], "pp": target[1]},
+                                         timeout=600)
+
+    def waiting_request(i: int) -> None:
+        results[f"req{i}"] = server.generate_ids(prompts[i], NEW_TOKENS)
+
+    threads = [threading.Thread(target=long_generation)]
+    threads[0].start()
+    time.sleep(0.5)
+    threads.append(threading.Thread(target=first_reshape))
+    threads[1].start()
+    time.sleep(0.5)
+    second = server.post("/remp/reshape", {"tp": target[0], "pp": target[1]}, timeout=60)
+    assert second.status_code == 409, second.text
+    for i in range(len(prompts)):
+        threads.append(threading.Thread(target=waiting_request, args=(i,)))
+        threads[-1].start()
+    for t in threads:
+        t.join(timeout=600)
+    assert results["reshape"].status_code == 200, results["reshape"].text
+    assert len(results["long"]["output_ids"]) == 48
+    for i in range(len(prompts)):
+        assert results[f"req{i}"] == outputs[i]  # served, on whichever layout, correctly
+    assert topology(server)["tp"] == target[0]
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2_dir, sglang_server_factory, tmp_path_factory, llama):
+    llama[0].shutdown()  # one server at a time on 2 cores
+    model_dir = copy_model(tiny_qwen2_dir, tmp_path_factory.mktemp("remp") / "qwen2")
+    reference = transformers_greedy(model_dir)
+    server = sglang_server_factory(model_dir, tp=2, extra_args=("--remp", "--remp-initial-tp",
+                                                                 "1"))
+    drop_weights(model_dir)
+    yield server, reference
+    server.shutdown()
+
+
+def test_qwen2_starts_small_and_reshapes(qwen2):
+    """Qwen2 (QKV bias, lm_head on the last stage only), launched on 2 ranks at TP 1.
+
+    Compared with transformers: these tiny Qwen2 models match it at TP 1 and TP 2 through
+    stock SGLang here (the design note's TP 2 mismatch did not reproduce), so this is the
+    stricter comparison.
+    """
+    server, reference = qwen2
+    topo = topology(server)
+    assert (topo["tp"], topo["pp"], topo["active_ranks"]) == (1, 1, [0])
+    check_greedy(server, reference)
+    for tp, pp in ((2, 1), (1, 2), (1, 1)):
+        report = reshape(server, tp, pp)
+        assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
+        check_greedy(server, reference)
