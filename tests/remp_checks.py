@@ -10,20 +10,25 @@ PROMPTS = ("The quick brown fox", "Hello, world! How are you today?", "def main(
 NEW_TOKENS = 12
 
 
-def transformers_greedy(model_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
+def transformers_greedy(
+    model_dir: Path, prompts: tuple[str, ...] = PROMPTS, new_tokens: int = NEW_TOKENS
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, transformers' greedy continuations) in float32: the reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # Never stop early: the server runs with ignore_eos, so both produce new_tokens.
     model.generation_config.eos_token_id = None
-    prompts, outputs = [], []
+    prompt_ids, outputs = [], []
     with torch.no_grad():
-        for text in PROMPTS:
+        for text in prompts:
             ids = tokenizer(text, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            prompts.append(ids[0].tolist())
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            prompt_ids.append(ids[0].tolist())
             outputs.append(out[0, ids.shape[1]:].tolist())
-    return prompts, outputs
+    assert all(len(out) == new_tokens for out in outputs)
+    return prompt_ids, outputs
 
 
 def reshape(server, tp: int, pp: int) -> dict:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from remp_checks import transformers_greedy
 
 from remp_sglang.testing import ServerFactory, ServerStartError, SGLangServer, launch_sglang_server
 from remp_sglang.testing.server import cpu_binding, server_env
@@ -59,24 +59,6 @@ def reference() -> dict[str, tuple[list[list[int]], list[list[int]]]]:
     return {}
 
 
-def _transformers_greedy(model_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    # Never stop early: the server runs with ignore_eos, so both produce NEW_TOKENS.
-    model.generation_config.eos_token_id = None
-    prompts, outputs = [], []
-    with torch.no_grad():
-        for text in PROMPTS:
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            generated = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            prompts.append(ids[0].tolist())
-            outputs.append(generated[0, ids.shape[1] :].tolist())
-    assert all(len(out) == NEW_TOKENS for out in outputs)
-    return prompts, outputs
-
-
 @pytest.fixture(
     scope="module", params=LAYOUTS, ids=[f"{arch}-tp{tp}-pp{pp}" for arch, tp, pp in LAYOUTS]
 )
@@ -90,7 +72,7 @@ def served(
     model_dir = _model_dir(request, arch)
     key = str(model_dir)
     if key not in reference:
-        reference[key] = _transformers_greedy(model_dir)
+        reference[key] = transformers_greedy(model_dir, PROMPTS, NEW_TOKENS)
     server = sglang_server_factory(model_dir, tp=tp, pp=pp)
     yield server, *reference[key]
     server.shutdown()

@@ -194,29 +194,38 @@ def _after_from_cli_args(result: Any, cls: Any, namespace: Any) -> None:
             raise ValueError("--remp-initial-tp/--remp-initial-pp need --remp")
         os.environ.pop(ENV_CONFIG, None)
         return None
-    config = RempConfig(
+    config = activate(
         launch_tp=int(getattr(namespace, "tp_size", 1) or 1),
         launch_pp=int(getattr(namespace, "pp_size", 1) or 1),
         initial_tp=getattr(namespace, "remp_initial_tp", None),
         initial_pp=getattr(namespace, "remp_initial_pp", None),
-        ctrl_port=free_port(),
-        initial_dist_port=free_port(),
+        dp_size=int(getattr(namespace, "dp_size", 1) or 1),
+        tokenizer_workers=int(getattr(namespace, "tokenizer_worker_num", 1) or 1),
     )
-    config.validate()
-    dp_size = int(getattr(namespace, "dp_size", 1) or 1)
-    if dp_size != 1:
-        raise ValueError(f"--remp supports --dp-size 1 only, got {dp_size}")
-    tokenizer_workers = int(getattr(namespace, "tokenizer_worker_num", 1) or 1)
-    if tokenizer_workers != 1:
-        raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
     # A bookkeeping attribute (underscore, not a field): writable on the sealed record and
     # pickled into every scheduler process by ServerArgs.__reduce__.
     result._remp_config = asdict(config)
-    os.environ[ENV_CONFIG] = config.to_json()
+    return None
+
+
+def activate(
+    launch_tp: int, launch_pp: int, initial_tp: int | None = None,
+    initial_pp: int | None = None, dp_size: int = 1, tokenizer_workers: int = 1,
+) -> RempConfig:
+    """Turn remp on in this (launcher) process, before SGLang spawns its schedulers."""
+    config = RempConfig(launch_tp=launch_tp, launch_pp=launch_pp, initial_tp=initial_tp,
+                        initial_pp=initial_pp, ctrl_port=free_port(),
+                        initial_dist_port=free_port())
+    config.validate()
+    if dp_size != 1:
+        raise ValueError(f"--remp supports --dp-size 1 only, got {dp_size}")
+    if tokenizer_workers != 1:
+        raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
+    os.environ[ENV_CONFIG] = config.to_json()  # inherited by the spawned processes
     # Rank zero exports the radix tree at each reshape; only the Python core allows it.
     os.environ[TREE_CORE_ENV] = "python"
-    _enable_main_process(config)
-    return None
+    enable_main_process(config)
+    return config
 
 
 # ----------------------------------------------------------------------------- launcher side
@@ -226,7 +235,7 @@ def _after_from_cli_args(result: Any, cls: Any, namespace: Any) -> None:
 _main_view: dict[str, Any] = {}
 
 
-def _enable_main_process(config: RempConfig) -> None:
+def enable_main_process(config: RempConfig) -> None:
     global _enabled_main
     if _enabled_main:
         return
@@ -420,13 +429,8 @@ def torch_dtype_of(hf_config: Any) -> Any:
 
 
 async def _reshape_route(request: Request) -> Any:
-    import time
-
     from fastapi.responses import JSONResponse
 
-    from remp_sglang.integration.messages import RempReshapeReqInput, RempReshapeReqOutput
-
-    config = config_from_env() or RempConfig()
     tokenizer_manager = _tokenizer_manager()
     if tokenizer_manager is None:
         return JSONResponse({"error": "server is not ready"}, status_code=503)
@@ -434,16 +438,28 @@ async def _reshape_route(request: Request) -> Any:
         body = await request.json()
     except ValueError as error:
         return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+    status, payload = await run_reshape(tokenizer_manager, body)
+    return JSONResponse(payload, status_code=status)
+
+
+async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str, Any]]:
+    """Validate, drain, reshape, report: (HTTP status, JSON body). Shared by the HTTP
+    route and the offline Engine API (`remp_sglang.integration.engine_api`)."""
+    import time
+
+    from remp_sglang.integration.messages import RempReshapeReqInput, RempReshapeReqOutput
+
+    config = config_from_env() or RempConfig()
     try:
         tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
                                  cpu=tokenizer_manager.server_args.device == "cpu")
     except ValueError as error:
-        return JSONResponse({"error": str(error)}, status_code=400)
+        return 400, {"error": str(error)}
     if _main_view["lock"] is None:
         _main_view["lock"] = asyncio.Lock()
     lock: asyncio.Lock = _main_view["lock"]
     if lock.locked():
-        return JSONResponse({"error": "a reshape is already running"}, status_code=409)
+        return 409, {"error": "a reshape is already running"}
     async with lock:
         old = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
         t_request = time.perf_counter()
@@ -459,15 +475,15 @@ async def _reshape_route(request: Request) -> Any:
                     timeout=RESHAPE_TIMEOUT_S,
                 )
             except asyncio.TimeoutError:
+                return 504, {"error": "reshape timed out"}
+            finally:
                 _main_view["state"] = "serving"
-                return JSONResponse({"error": "reshape timed out"}, status_code=504)
             t_resumed = time.perf_counter()
             reply = replies[0]
             if reply.error is None:
                 _main_view.update(tp=tp, pp=pp)
-            _main_view["state"] = "serving"
     if reply.error is not None:
-        return JSONResponse({"error": reply.error, "old": old}, status_code=reply.status)
+        return reply.status, {"error": reply.error, "old": old}
     report = json.loads(reply.report_json)
     report.update(
         old=old,
@@ -476,7 +492,7 @@ async def _reshape_route(request: Request) -> Any:
         drain_s=round(t_paused - t_request, 4),
         request_wait_s=round(t_resumed - t_request, 4),
     )
-    return JSONResponse(report)
+    return 200, report
 
 
 # ----------------------------------------------------------------------------- subprocesses
