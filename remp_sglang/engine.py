@@ -72,6 +72,10 @@ class KVMigration:
     stats: MigrationStats
 
 
+class CapacityError(ValueError):
+    """The live KV slots do not fit the new pool (raised before anything moves)."""
+
+
 def remap_slots(live_slots: torch.Tensor, new_num_slots: int, reserved: int = 1) -> torch.Tensor:
     """New index of each live slot: unchanged when it fits, else moved to a free slot.
 
@@ -81,7 +85,7 @@ def remap_slots(live_slots: torch.Tensor, new_num_slots: int, reserved: int = 1)
     live = live_slots.to(torch.int64).cpu()
     usable = new_num_slots - reserved
     if live.numel() > usable:
-        raise ValueError(
+        raise CapacityError(
             f"{live.numel()} live KV slots do not fit the new pool's {usable} usable slots"
         )
     if live.unique().numel() != live.numel():
@@ -376,6 +380,6 @@ def _weight_item(m, dim: int, a: int, b: int, row: int, old_params, new_params, 
 
 
 __all__ = [
-    "KVMigration", "KVPool", "MigrationStats", "WeightReshard", "migrate_kv",
+    "CapacityError", "KVMigration", "KVPool", "MigrationStats", "WeightReshard", "migrate_kv",
     "remap_slots", "reshard_weights",
 ]

@@ -48,8 +48,10 @@ def drop_weights(model_dir: Path) -> None:
 def llama(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
     model_dir = copy_model(tiny_llama_dir, tmp_path_factory.mktemp("remp") / "llama")
     reference = transformers_greedy(model_dir)
+    # 1024 KV slots at TP 2 (one KV head per rank): the same per-rank KV memory holds
+    # 512 slots at TP 1 (both heads on one rank), so capacity and limits follow the layout.
     server = sglang_server_factory(model_dir, tp=2, extra_args=("--remp",),
-                                   env={"REMP_DEBUG_ROUTES": "1"})
+                                   env={"REMP_DEBUG_ROUTES": "1"}, max_total_tokens=1024)
     drop_weights(model_dir)
     yield server, reference
     server.shutdown()
@@ -97,6 +99,7 @@ def test_switch_sequence_keeps_cache_and_output(llama):
 
         topo = topology(server)
         assert (topo["tp"], topo["pp"], topo["state"]) == (tp, pp, "serving")
+        assert topo["kv_capacity_tokens"] == report["kv_capacity_tokens"] == CAPACITY[(tp, pp)]
         assert topo["active_ranks"] == list(range(tp * pp))
         info = server.server_info()
         assert (info["tp_size"], info["pp_size"]) == (tp, pp)
@@ -109,6 +112,39 @@ def test_switch_sequence_keeps_cache_and_output(llama):
 
         response = server.generate(prompts[0], NEW_TOKENS)
         assert response["meta_info"]["cached_tokens"] >= cached_before
+        check_greedy(server, reference)
+
+
+CAPACITY = {(2, 1): 1024, (1, 2): 1024, (1, 1): 512}
+
+
+def test_capacity_and_prompt_limits_follow_the_layout(llama):
+    server, reference = llama
+    if topology(server)["tp"] != 2:
+        reshape(server, 2, 1)
+    long_prompt = [5 + (i % 300) for i in range(700)]
+    assert len(server.generate(long_prompt, 1)["output_ids"]) == 1  # fits 1024 slots
+    # Cached KV (the long prompt) cannot fit TP 1's 512 slots: refused, nothing moved.
+    refused = server.post("/remp/reshape", {"tp": 1, "pp": 1}, timeout=600)
+    assert refused.status_code == 409 and "do not fit" in refused.json()["error"], refused.text
+    assert topology(server)["tp"] == 2
+    check_greedy(server, reference)
+    server.flush_cache()
+    for (tp, pp), capacity in ((1, 1), 512), ((2, 1), 1024), ((1, 1), 512):
+        report = reshape(server, tp, pp)
+        assert report["kv_capacity_tokens"] == capacity
+        assert topology(server)["kv_capacity_tokens"] == capacity
+        info = server.server_info()
+        assert info["max_total_num_tokens"] == capacity
+        assert info["max_req_input_len"] == report["max_req_input_len"] < capacity
+        response = server.post("/generate", {"input_ids": long_prompt,
+                                             "sampling_params": {"max_new_tokens": 1}})
+        if capacity == 512:  # SGLang's own length check, against the new limit
+            assert "exceeds the maximum allowed length" in response.text, response.text
+        else:
+            assert response.status_code == 200, response.text
+            server.flush_cache()  # its 700 cached tokens would not fit TP 1 next
+        assert len(server.generate(long_prompt[:300], 1)["output_ids"]) == 1
         check_greedy(server, reference)
 
 

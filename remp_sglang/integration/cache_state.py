@@ -129,7 +129,8 @@ def kv_digest(scheduler: Any, layers: range, heads: range) -> dict[str, str]:
     """Hash of the live KV rows per (global layer, global KV head): a layout-free identity.
 
     Test hook: equal digests before and after a reshape mean every cached row arrived
-    bit-identical, whichever ranks hold it now.
+    bit-identical, whichever ranks hold it now. Rows are hashed one by one and the hashes
+    sorted, so a compaction that moves rows to other slots leaves the digest unchanged.
     """
     pool = scheduler.tp_worker.model_runner.token_to_kv_pool
     slots = live_slots(scheduler)
@@ -137,8 +138,8 @@ def kv_digest(scheduler: Any, layers: range, heads: range) -> dict[str, str]:
     for i, layer in enumerate(layers):
         k, v = pool.k_buffer[i][slots], pool.v_buffer[i][slots]
         for j, head in enumerate(heads):
-            h = hashlib.sha256()
-            for t in (k[:, j], v[:, j]):
-                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-            out[f"{layer}:{head}"] = h.hexdigest()[:20]
+            rows = torch.cat([k[:, j], v[:, j]], dim=-1).contiguous()
+            raw = rows.view(torch.uint8).numpy()
+            row_hashes = sorted(hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in raw)
+            out[f"{layer}:{head}"] = hashlib.sha256(b"".join(row_hashes)).hexdigest()[:20]
     return out

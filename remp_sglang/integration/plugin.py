@@ -383,6 +383,21 @@ def _collect_digests(nonce: str, ranks: list[int]) -> dict[str, list[str]]:
     return {key: sorted(values) for key, values in sorted(merged.items())}
 
 
+def _publish_limits(tokenizer_manager: Any, report: dict[str, Any]) -> None:
+    """The pool size follows the layout: so do the limits the launcher took at start-up
+    (prompt length checks, /server_info)."""
+    from sglang.srt.entrypoints.http_server import get_global_state
+
+    capacity, max_input = report.get("kv_capacity_tokens"), report.get("max_req_input_len")
+    if capacity is None or max_input is None:
+        return
+    tokenizer_manager.max_req_input_len = max_input
+    _main_view["kv_capacity_tokens"] = capacity
+    state = get_global_state()
+    if state is not None and isinstance(getattr(state, "scheduler_info", None), dict):
+        state.scheduler_info.update(max_total_num_tokens=capacity, max_req_input_len=max_input)
+
+
 def validate_layout(
     body: Any, config: RempConfig, hf_config: Any, cpu: bool = False
 ) -> tuple[int, int]:
@@ -485,6 +500,7 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     if reply.error is not None:
         return reply.status, {"error": reply.error, "old": old}
     report = json.loads(reply.report_json)
+    _publish_limits(tokenizer_manager, report)
     report.update(
         old=old,
         new={"tp": tp, "pp": pp},

@@ -63,7 +63,9 @@ class RempRuntime:
     ctrl: Communicator
     store: Any
     decoder: DenseDecoder
-    pool_size: int  # KV slots (SGLang's max_total_num_tokens), fixed across layouts
+    pool_size: int  # KV slots now (SGLang's max_total_num_tokens)
+    kv_budget_bytes: int  # per-rank KV bytes SGLang gave the pool at launch
+    token_cap: int | None  # --max-total-tokens, if set
     dtype: torch.dtype  # parameters (identical on every rank, captured at start-up)
     kv_dtype: torch.dtype
     launch_overlap: bool  # the overlap scheduler as launched (PP layouts turn it off)
@@ -74,10 +76,23 @@ class RempRuntime:
     staging: torch.Tensor | None = None
     last_report: dict = field(default_factory=dict)
 
+    def capacity_for(self, topo: Topology) -> int:
+        """KV slots of `topo`: what the launch's per-rank KV memory holds at that layout
+        (TP down means more heads per slot, so fewer slots), capped by --max-total-tokens."""
+        slots = self.kv_budget_bytes // kv_cell_bytes(_kv_shape(self), topo)
+        return min(slots, self.token_cap) if self.token_cap else slots
+
     def staging_buffer(self) -> torch.Tensor:
         if self.staging is None:
             self.staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
         return self.staging
+
+
+def kv_cell_bytes(shape: Any, topo: Topology) -> int:
+    """Bytes of one KV slot on the busiest rank of `topo` (most layers; heads are even)."""
+    layers = max(len(topo.layer_range(r, shape.num_layers)) for r in topo.active_ranks)
+    heads = len(topo.kv_head_range(0, shape.num_kv_heads))
+    return layers * heads * shape.kv_bytes_per_token_per_layer_head
 
 
 def order_key(epoch: int) -> str:
@@ -114,6 +129,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
 
     # 1-3: everything that can fail runs while the old world still serves.
     state, old_params, old_pool, new_pool_obj = None, {}, None, None
+    new_size = rt.capacity_for(new)
     error: BaseException | None = None
     try:
         new.check_model(rt.decoder.shape)
@@ -130,7 +146,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
             pool = runner.token_to_kv_pool
             old_pool = KVPool(list(pool.k_buffer), list(pool.v_buffer))
         if now_active:
-            new_pool_obj = _new_pool(rt, new, rank, device)
+            new_pool_obj = _new_pool(rt, new, rank, device, new_size)
     except Exception as exc:
         error = exc
     rt.ctrl.agree(error, "reshape preparation")
@@ -150,27 +166,30 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     if new_pool_obj is not None:
         new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
     live = torch.tensor(sorted({s for p in state.paths for s in p.slots}), dtype=torch.int64)
-    kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, rt.pool_size + 1,
+    kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
                     dtype=rt.kv_dtype, device=device, new_pool=new_kv, staging_bytes=STAGING_BYTES,
                     staging=rt.staging_buffer())
     times["kv_s"] = time.perf_counter() - t
     del old_params, old_pool
+    if kv.compacted or new_size != rt.pool_size:  # slots moved, or the free list changes
+        state = state.remap(dict(zip(live.tolist(), kv.new_slots.tolist(), strict=True)),
+                            new_size)
 
     # 4: point of no return - the old world goes away.
     t = time.perf_counter()
     if was_active:
         _teardown(sched)
     times["teardown_s"] = time.perf_counter() - t
-    rt.topology, rt.epoch = new, order.epoch
+    rt.topology, rt.epoch, rt.pool_size = new, order.epoch, new_size
     if now_active:
         t = time.perf_counter()
         _init_world(sched, rank, new, order.dist_port)
         times["world_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        _build_worker(sched, weights.params, new_pool_obj, rt.pool_size, order.dist_port)
+        _build_worker(sched, weights.params, new_pool_obj, new_size, order.dist_port)
         times["model_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        import_state(sched, state, rt.pool_size)
+        import_state(sched, state, new_size)
         _refresh_scheduler(sched)
         times["cache_state_s"] = time.perf_counter() - t
     sums = torch.tensor([kv.stats.bytes_sent, weights.stats.bytes_sent], dtype=torch.float64)
@@ -185,6 +204,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         "old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
         "kv_bytes_moved": int(sums[0]), "weight_bytes_moved": int(sums[1]),
         "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": int(live.numel()),
+        "kv_capacity_tokens": new_size, "kv_slots_compacted": kv.compacted,
+        "max_req_input_len": getattr(sched, "max_req_input_len", None),
         "cached_tokens_before": state.cached_tokens,
         "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
         else None,
@@ -202,14 +223,15 @@ def _kv_shape(rt: RempRuntime):
     return replace(rt.decoder.shape, dtype_bytes=torch.empty(0, dtype=rt.kv_dtype).element_size())
 
 
-def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device) -> Any:
-    """SGLang's pool for `rank` under `topo`: the same slots, its heads and layers."""
+def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device,
+              size: int) -> Any:
+    """SGLang's pool for `rank` under `topo`: `size` slots, its heads and layers."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     shape = rt.decoder.shape
     layers = topo.layer_range(rank, shape.num_layers)
     return MHATokenToKVPool(
-        rt.pool_size, page_size=1, dtype=rt.kv_dtype,
+        size, page_size=1, dtype=rt.kv_dtype,
         head_num=len(topo.kv_head_range(rank, shape.num_kv_heads)), head_dim=shape.head_dim,
         layer_num=len(layers), device=str(device), enable_memory_saver=False,
         start_layer=layers.start, end_layer=layers.stop,
@@ -294,6 +316,9 @@ def _refresh_scheduler(sched: Any) -> None:
     from sglang.srt.runtime_context import get_parallel
 
     par = get_parallel()
+    info = sched.tp_worker.get_worker_info()  # the capacity and limits of the new pool
+    sched.max_total_num_tokens, sched.max_req_len, sched.max_req_input_len = (
+        info[0], info[4], info[5])
     sched.forward_stream = sched.tp_worker.model_runner.forward_stream
     sched.tp_size = par.tp_size
     sched.tp_group, sched.pp_group, sched.world_group = par.tp_group, par.pp_group, par.world_group
@@ -320,6 +345,8 @@ def _refresh_scheduler(sched: Any) -> None:
     sched.init_dp_attn_adapter()
     sched.init_batch_result_processor()
     sched.init_rank_consensus_checker()
+    sched.init_pool_stats_observer()  # both account tokens against the pool size
+    sched.init_invariant_checker()
     sched.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
     sched.last_batch = None
     sched.result_queue = deque()

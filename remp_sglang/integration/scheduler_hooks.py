@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError
+from remp_sglang.engine import CapacityError
 from remp_sglang.topology import Topology
 
 from .cache_state import kv_digest
@@ -30,6 +32,7 @@ from .reshape import (
     RempRuntime,
     ReshapeOrder,
     execute,
+    kv_cell_bytes,
     launch_cpus,
     publish_order,
     rebind_threads,
@@ -64,15 +67,23 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     except ValueError as error:
         decoder = None
         logger.warning("remp: reshapes disabled for this model: %s", error)
+    launch = Topology(config.launch_tp, config.launch_pp, world)
+    kv_dtype = pool.k_buffer[0].dtype
+    budget = 0
+    if decoder is not None:
+        kv_shape = replace(decoder.shape, dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size())
+        budget = int(scheduler.max_total_num_tokens) * kv_cell_bytes(kv_shape, launch)
     scheduler._remp = RempRuntime(
         launch_rank=rank,
-        topology=Topology(config.launch_tp, config.launch_pp, world),
+        topology=launch,
         ctrl=ctrl,
         store=ctrl.store,
         decoder=decoder,
         pool_size=int(scheduler.max_total_num_tokens),
+        kv_budget_bytes=budget,
+        token_cap=scheduler.server_args.max_total_tokens,
         dtype=dtype,
-        kv_dtype=pool.k_buffer[0].dtype,
+        kv_dtype=kv_dtype,
         launch_overlap=bool(scheduler.enable_overlap),
         launch_cpus=launch_cpus(world),
     )
@@ -195,8 +206,16 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any) ->
         rt.state = "serving"
         logger.warning("remp: reshape aborted, old layout kept: %s", error)
         out = RempReshapeReqOutput(error=f"reshape aborted, old layout kept: {error}",
-                                   status=500)
+                                   status=409 if _caused_by(error, CapacityError) else 500)
         changed = False
     if recv_req is not None and rt.launch_rank == 0:
         scheduler.send_control_output(out, recv_req)
     return changed
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__
+    return False
