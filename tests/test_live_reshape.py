@@ -148,6 +148,11 @@ def test_capacity_and_prompt_limits_follow_the_layout(llama):
         check_greedy(server, reference)
 
 
+# Long enough (seconds on 2 cores) that the drain is still open when the second request
+# and the waiting generations arrive.
+LONG_TOKENS = 400
+
+
 def test_requests_wait_during_reshape_and_a_second_reshape_gets_409(llama):
     server, reference = llama
     prompts, outputs = reference
@@ -156,7 +161,7 @@ def test_requests_wait_during_reshape_and_a_second_reshape_gets_409(llama):
     results: dict[str, object] = {}
 
     def long_generation() -> None:  # holds the drain open while the rest happens
-        results["long"] = server.generate(prompts[1], 48)
+        results["long"] = server.generate(prompts[1], LONG_TOKENS)
 
     def first_reshape() -> None:
         results["reshape"] = server.post("/remp/reshape", {"tp": target[0], "pp": target[1]},
@@ -167,10 +172,10 @@ def test_requests_wait_during_reshape_and_a_second_reshape_gets_409(llama):
 
     threads = [threading.Thread(target=long_generation)]
     threads[0].start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     threads.append(threading.Thread(target=first_reshape))
     threads[1].start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     second = server.post("/remp/reshape", {"tp": target[0], "pp": target[1]}, timeout=60)
     assert second.status_code == 409, second.text
     for i in range(len(prompts)):
@@ -179,7 +184,7 @@ def test_requests_wait_during_reshape_and_a_second_reshape_gets_409(llama):
     for t in threads:
         t.join(timeout=600)
     assert results["reshape"].status_code == 200, results["reshape"].text
-    assert len(results["long"]["output_ids"]) == 48
+    assert len(results["long"]["output_ids"]) == LONG_TOKENS
     for i in range(len(prompts)):
         assert results[f"req{i}"] == outputs[i]  # served, on whichever layout, correctly
     assert topology(server)["tp"] == target[0]
