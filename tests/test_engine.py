@@ -8,6 +8,7 @@ single-process reference built from the full, unsharded pool and weights.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import traceback
 
@@ -113,11 +114,19 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
         raise
 
 
+def _run_rank(fn, *args) -> None:
+    """Run one rank; after every check passed, leave without interpreter teardown, where
+    gloo's and the store's C++ threads occasionally abort the process (exit -6)."""
+    fn(*args)
+    os._exit(0)
+
+
 def run_world(fn, world: int, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=fn, args=(r, world, port, errors, *args)) for r in range(world)]
+    procs = [ctx.Process(target=_run_rank, args=(fn, r, world, port, errors, *args))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

@@ -71,6 +71,8 @@ def test_invalid_reshapes_are_rejected_and_serving_goes_on(llama):
         response = server.post("/remp/reshape", body, timeout=60)
         assert response.status_code == 400, (body, response.text)
         assert reason in response.json()["error"], (body, response.json())
+    same = server.post("/remp/reshape", {"tp": 2, "pp": 1}, timeout=60).json()
+    assert same["unchanged"] and same["downtime_s"] == 0 and same["kv_bytes_moved"] == 0
     bad_json = server._session.post(server.base_url + "/remp/reshape", data="{not json",
                                     headers={"Content-Type": "application/json"}, timeout=60)
     assert bad_json.status_code == 400

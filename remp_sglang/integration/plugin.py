@@ -475,6 +475,10 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     lock: asyncio.Lock = _main_view["lock"]
     if lock.locked():
         return 409, {"error": "a reshape is already running"}
+    current = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
+    if current == {"tp": tp, "pp": pp}:  # nothing to move: no drain, no rebuild
+        return 200, {"old": current, "new": current, "unchanged": True, "downtime_s": 0.0,
+                     "kv_bytes_moved": 0, "weight_bytes_moved": 0}
     async with lock:
         old = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
         t_request = time.perf_counter()
