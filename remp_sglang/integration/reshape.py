@@ -23,7 +23,7 @@ import os
 import pickle
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -74,7 +74,6 @@ class RempRuntime:
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
     staging: torch.Tensor | None = None
-    last_report: dict = field(default_factory=dict)
 
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo`: what the launch's per-rank KV memory holds at that layout
@@ -117,7 +116,6 @@ def wait_for_order(rt: RempRuntime) -> ReshapeOrder:
 # ---------------------------------------------------------------------------------------
 def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     """Run one reshape on this rank; returns rank zero's report (partial elsewhere)."""
-    from sglang.srt.runtime_context import get_parallel
 
     old = rt.topology
     new = Topology(order.tp, order.pp, old.world_size)
@@ -198,6 +196,9 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     gc.collect()
     rt.ctrl.pg.allreduce([sums]).wait()
     rt.ctrl.barrier()
+    if rank == 0:  # every rank has read them: the store keeps no state per reshape
+        for key in (f"remp/state/{order.epoch}", order_key(order.epoch)):
+            rt.store.delete_key(key)
     rt.state = "serving"
     times["total_s"] = time.perf_counter() - t0
     report = {
@@ -211,9 +212,6 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         else None,
         "phases": {k: round(v, 4) for k, v in times.items()},
     }
-    if now_active:
-        report["tp_after"] = get_parallel().tp_size
-    rt.last_report = report
     logger.info("remp: reshape %s -> %s on rank %d: %s", (old.tp, old.pp), (new.tp, new.pp),
                 rank, report["phases"])
     return report
