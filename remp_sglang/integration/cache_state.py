@@ -39,17 +39,23 @@ class CacheState:
     free_request_slots: list[int]
 
     @property
+    def slots(self) -> list[int]:
+        """The KV slots the tree holds, sorted: the rows a reshape carries over."""
+        return sorted({s for p in self.paths for s in p.slots})
+
+    @property
     def cached_tokens(self) -> int:
         """Distinct slots held by the tree (shared prefixes counted once)."""
-        return len({s for p in self.paths for s in p.slots})
+        return len(self.slots)
 
     def remap(self, mapping: dict[int, int], new_size: int) -> CacheState:
         """The same state after slot compaction into a pool of `new_size` usable slots."""
         paths = [CachedPath(p.tokens, [mapping.get(s, s) for s in p.slots], p.extra_key,
                             p.cache_salt) for p in self.paths]
-        used = {s for p in paths for s in p.slots}
-        free = [s for s in range(1, new_size + 1) if s not in used]
-        return CacheState(paths, free, [], self.free_request_slots)
+        moved = CacheState(paths, [], [], self.free_request_slots)
+        used = set(moved.slots)
+        moved.free_pages = [s for s in range(1, new_size + 1) if s not in used]
+        return moved
 
 
 def live_slots(scheduler: Any) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.engine import KVPool, migrate_kv, reshard_weights
-from remp_sglang.topology import Topology
+from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
 
 from .cache_state import export_state, import_state, live_slots
@@ -78,7 +78,8 @@ class RempRuntime:
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo`: what the launch's per-rank KV memory holds at that layout
         (TP down means more heads per slot, so fewer slots), capped by --max-total-tokens."""
-        slots = self.kv_budget_bytes // kv_cell_bytes(_kv_shape(self), topo)
+        shape = kv_shape_of(self.decoder.shape, self.kv_dtype)
+        slots = self.kv_budget_bytes // kv_cell_bytes(shape, topo)
         return min(slots, self.token_cap) if self.token_cap else slots
 
     def staging_buffer(self) -> torch.Tensor:
@@ -123,7 +124,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     was_active, now_active = old.is_active(rank), new.is_active(rank)
     times: dict[str, float] = {}
     rt.state = "reshaping"
-    device = torch.device(sched.device if was_active else _device_of(sched))
+    device = torch.device(_device_of(sched))
 
     # 1-3: everything that can fail runs while the old world still serves.
     state, old_params, old_pool, new_pool_obj = None, {}, None, None
@@ -133,8 +134,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         new.check_model(rt.decoder.shape)
         if was_active and rank == 0:
             state = export_state(sched)
-            tree_slots = sorted({s for p in state.paths for s in p.slots})
-            if tree_slots != live_slots(sched).tolist():
+            if state.slots != live_slots(sched).tolist():
                 raise MigrationError("KV slots are held outside the radix tree (requests "
                                      "still running?); reshape needs an idle scheduler")
             rt.store.set(f"remp/state/{order.epoch}", pickle.dumps(state))
@@ -159,11 +159,11 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     times["weights_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    kv_shape = _kv_shape(rt)
+    kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_dtype)
     new_kv = None
     if new_pool_obj is not None:
         new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
-    live = torch.tensor(sorted({s for p in state.paths for s in p.slots}), dtype=torch.int64)
+    live = torch.tensor(state.slots, dtype=torch.int64)
     kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
                     dtype=rt.kv_dtype, device=device, new_pool=new_kv, staging_bytes=STAGING_BYTES,
                     staging=rt.staging_buffer())
@@ -191,9 +191,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         _refresh_scheduler(sched)
         times["cache_state_s"] = time.perf_counter() - t
     sums = torch.tensor([kv.stats.bytes_sent, weights.stats.bytes_sent], dtype=torch.float64)
-    del weights
+    del weights  # the model adopted its tensors; the old ones went with _teardown
     rebind_threads(rt, new)
-    gc.collect()
     rt.ctrl.pg.allreduce([sums]).wait()
     rt.ctrl.barrier()
     if rank == 0:  # every rank has read them: the store keeps no state per reshape
@@ -217,8 +216,9 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     return report
 
 
-def _kv_shape(rt: RempRuntime):
-    return replace(rt.decoder.shape, dtype_bytes=torch.empty(0, dtype=rt.kv_dtype).element_size())
+def kv_shape_of(shape: ModelShape, kv_dtype: torch.dtype) -> ModelShape:
+    """The model's shape with the KV cache's element size (the cache may differ in dtype)."""
+    return replace(shape, dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size())
 
 
 def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device,

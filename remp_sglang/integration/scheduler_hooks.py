@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from .reshape import (
     ReshapeOrder,
     execute,
     kv_cell_bytes,
+    kv_shape_of,
     launch_cpus,
     publish_order,
     rebind_threads,
@@ -71,8 +71,8 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     kv_dtype = pool.k_buffer[0].dtype
     budget = 0
     if decoder is not None:
-        kv_shape = replace(decoder.shape, dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size())
-        budget = int(scheduler.max_total_num_tokens) * kv_cell_bytes(kv_shape, launch)
+        budget = int(scheduler.max_total_num_tokens) * kv_cell_bytes(
+            kv_shape_of(decoder.shape, kv_dtype), launch)
     scheduler._remp = RempRuntime(
         launch_rank=rank,
         topology=launch,
