@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ class CacheState:
     free_pages: list[int]
     release_pages: list[int]
     free_request_slots: list[int]
+    requests: list[Any] = field(default_factory=list)  # step_boundary.RequestRecord, queued
+    engine_paused: bool = False  # SGLang's pause_generation flag, for joining ranks
 
     @property
     def slots(self) -> list[int]:
@@ -52,7 +54,8 @@ class CacheState:
         """The same state after slot compaction into a pool of `new_size` usable slots."""
         paths = [CachedPath(p.tokens, [mapping.get(s, s) for s in p.slots], p.extra_key,
                             p.cache_salt) for p in self.paths]
-        moved = CacheState(paths, [], [], self.free_request_slots)
+        moved = CacheState(paths, [], [], self.free_request_slots, self.requests,
+                           self.engine_paused)
         used = set(moved.slots)
         moved.free_pages = [s for s in range(1, new_size + 1) if s not in used]
         return moved

@@ -51,7 +51,7 @@ ROUTE_RESHAPE = "/remp/reshape"
 #: Test hook (only with REMP_DEBUG_ROUTES=1): a layout-free digest of the cached KV rows.
 ROUTE_KV_DIGEST = "/remp/debug/kv_digest"
 ENV_DEBUG_ROUTES = "REMP_DEBUG_ROUTES"
-#: How long a reshape may take end to end (drain included) before the route gives up.
+#: How long a reshape may take end to end before the route gives up.
 RESHAPE_TIMEOUT_S = 900.0
 #: How long the topology route waits for scheduler rank zero (it answers between batches).
 TOPOLOGY_TIMEOUT_S = 120.0
@@ -458,12 +458,19 @@ async def _reshape_route(request: Request) -> Any:
 
 
 async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str, Any]]:
-    """Validate, drain, reshape, report: (HTTP status, JSON body). Shared by the HTTP
-    route and the offline Engine API (`remp_sglang.integration.engine_api`)."""
+    """Validate, reshape, report: (HTTP status, JSON body). Shared by the HTTP route and
+    the offline Engine API (`remp_sglang.integration.engine_api`).
+
+    Nothing is drained: the schedulers stop at their next step boundary with every
+    request kept (`step_boundary`). `downtime_s` (the schedulers' pause, from the last
+    step on the old layout to the first on the new one) comes from rank zero;
+    `request_wait_s` is this call's own time, from receipt to the reply.
+    """
     import time
 
     from remp_sglang.integration.messages import RempReshapeReqInput, RempReshapeReqOutput
 
+    t_request = time.perf_counter()
     config = config_from_env() or RempConfig()
     try:
         tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
@@ -476,42 +483,32 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     if lock.locked():
         return 409, {"error": "a reshape is already running"}
     current = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
-    if current == {"tp": tp, "pp": pp}:  # nothing to move: no drain, no rebuild
+    if current == {"tp": tp, "pp": pp}:  # nothing to move, nothing to rebuild
         return 200, {"old": current, "new": current, "unchanged": True, "downtime_s": 0.0,
-                     "kv_bytes_moved": 0, "weight_bytes_moved": 0}
+                     "request_wait_s": 0.0, "kv_bytes_moved": 0, "weight_bytes_moved": 0}
     async with lock:
-        old = {"tp": _main_view["tp"], "pp": _main_view["pp"]}
-        t_request = time.perf_counter()
-        # Drain: in-flight requests finish, new ones wait (the weight-update lock).
-        async with tokenizer_manager.model_update_lock.writer_lock:
-            t_paused = time.perf_counter()
-            _main_view["state"] = "reshaping"
-            try:
-                replies = await asyncio.wait_for(
-                    _communicator(tokenizer_manager, RempReshapeReqOutput)(
-                        RempReshapeReqInput(tp=tp, pp=pp, dist_port=free_port())
-                    ),
-                    timeout=RESHAPE_TIMEOUT_S,
-                )
-            except asyncio.TimeoutError:
-                return 504, {"error": "reshape timed out"}
-            finally:
-                _main_view["state"] = "serving"
-            t_resumed = time.perf_counter()
-            reply = replies[0]
-            if reply.error is None:
-                _main_view.update(tp=tp, pp=pp)
+        old = dict(current)
+        _main_view["state"] = "reshaping"
+        try:
+            replies = await asyncio.wait_for(
+                _communicator(tokenizer_manager, RempReshapeReqOutput)(
+                    RempReshapeReqInput(tp=tp, pp=pp, dist_port=free_port())
+                ),
+                timeout=RESHAPE_TIMEOUT_S,
+            )
+        except asyncio.TimeoutError:
+            return 504, {"error": "reshape timed out"}
+        finally:
+            _main_view["state"] = "serving"
+        reply = replies[0]
+        if reply.error is None:
+            _main_view.update(tp=tp, pp=pp)
     if reply.error is not None:
         return reply.status, {"error": reply.error, "old": old}
     report = json.loads(reply.report_json)
     _publish_limits(tokenizer_manager, report)
-    report.update(
-        old=old,
-        new={"tp": tp, "pp": pp},
-        downtime_s=round(t_resumed - t_paused, 4),
-        drain_s=round(t_paused - t_request, 4),
-        request_wait_s=round(t_resumed - t_request, 4),
-    )
+    report.update(old=old, new={"tp": tp, "pp": pp},
+                  request_wait_s=round(time.perf_counter() - t_request, 4))
     return 200, report
 
 
@@ -533,12 +530,18 @@ def _enable_subprocess(config: RempConfig) -> None:
 
         from remp_sglang.integration import scheduler_hooks as hooks
         from remp_sglang.integration.model_state import around_load_weights_only
+        from remp_sglang.integration.step_boundary import after_create_generation_req
 
         for target, fn, kind in (
             ("Scheduler.init_request_dispatcher", hooks.after_init_request_dispatcher,
              HookType.AFTER),
             ("Scheduler.__init__", hooks.after_scheduler_init, HookType.AFTER),
-            ("Scheduler.on_idle", hooks.around_on_idle, HookType.AROUND),
+            ("Scheduler.get_next_batch_to_run", hooks.around_get_next_batch_to_run,
+             HookType.AROUND),
+            ("Scheduler._record_scheduler_state_for_paused_engine", hooks.around_paused_state,
+             HookType.AROUND),
+            ("Scheduler._create_generation_req", after_create_generation_req,
+             HookType.AFTER),
             ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)

@@ -1,18 +1,21 @@
 """The live reshape, executed in every scheduler process (active, parked, joining, leaving).
 
-Sequence on each launched rank, all at the same point (the scheduler's idle hook on active
-ranks; the park loop on parked ones):
+Sequence on each launched rank, all at the same point (the step boundary on active
+ranks, see `step_boundary`; the park loop on parked ones):
 
-1. cache state: rank zero exports tree + free lists; every rank reads it from the store.
+1. requests in flight: old-active ranks evict unreferenced prefixes if the new layout
+   holds fewer slots, checkpoint every running request's KV into the radix tree and
+   re-queue it; rank zero exports tree, free lists and queued requests.
 2. weights: re-sharded for the new layout by the engine, from the ranks holding them.
 3. KV: every new-active rank allocates its `MHATokenToKVPool` (same slots, new heads and
    layers); the engine fills the live slots from their old owners.
-   Steps 1-3 run while the old world still serves; a failure there is agreed on by every
-   rank and leaves the server on the old layout, untouched.
+   Steps 1-3 run before the old world is torn down; a failure there is agreed on by
+   every rank and the old layout serves on, with the requests resuming from its queue.
 4. old-active ranks tear their SGLang world down; new-active ranks re-stamp their ranks,
    build a fresh world on a new port and a model worker fed from the re-sharded weights.
-5. new-active ranks attach the new pool, rebuild the tree and free lists from the export,
-   refresh what the scheduler caches, rebind threads; leaving ranks park.
+5. new-active ranks attach the new pool, rebuild the tree and free lists from the export
+   (joining ranks also the queued requests), refresh what the scheduler caches, rebind
+   threads; leaving ranks drop their requests and park.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ from remp_sglang.weights import DenseDecoder
 
 from .cache_state import export_state, import_state, live_slots
 from .model_state import local_params, weights_from_memory
+from .step_boundary import (
+    adopt_requests,
+    checkpoint_requests,
+    clear_requests,
+    commit_pp_sends,
+    export_requests,
+    kv_requests,
+    make_room,
+)
 
 logger = logging.getLogger("sglang.srt.remp")
 
@@ -73,6 +85,8 @@ class RempRuntime:
     epoch: int = 0
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
+    order_at: float = 0.0  # when the pending order reached this rank
+    hold: int = 0  # PP: loop iterations held so far for launched micro-batches
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:
@@ -115,12 +129,18 @@ def wait_for_order(rt: RempRuntime) -> ReshapeOrder:
 
 
 # ---------------------------------------------------------------------------------------
-def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
-    """Run one reshape on this rank; returns rank zero's report (partial elsewhere)."""
+def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
+            t_boundary: float | None = None) -> dict:
+    """Run one reshape on this rank; returns rank zero's report (partial elsewhere).
+
+    `t_boundary`: when this rank finished its last step on the old layout (downtime
+    runs from there to the end of this function, after which the new layout steps).
+    """
 
     old = rt.topology
     new = Topology(order.tp, order.pp, old.world_size)
     rank, t0 = rt.launch_rank, time.perf_counter()
+    t_boundary = t0 if t_boundary is None else t_boundary
     was_active, now_active = old.is_active(rank), new.is_active(rank)
     times: dict[str, float] = {}
     rt.state = "reshaping"
@@ -130,13 +150,21 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     state, old_params, old_pool, new_pool_obj = None, {}, None, None
     new_size = rt.capacity_for(new)
     error: BaseException | None = None
+    carried, evicted = 0, 0
     try:
         new.check_model(rt.decoder.shape)
+        if was_active:  # every old-active rank alike: their replicated state stays equal
+            reqs = kv_requests(sched)
+            evicted = make_room(sched, reqs, new_size)
+            checkpoint_requests(sched, reqs)
+            carried = len(reqs)
         if was_active and rank == 0:
             state = export_state(sched)
+            state.requests = export_requests(sched)
+            state.engine_paused = bool(getattr(sched, "_engine_paused", False))
             if state.slots != live_slots(sched).tolist():
-                raise MigrationError("KV slots are held outside the radix tree (requests "
-                                     "still running?); reshape needs an idle scheduler")
+                raise MigrationError("KV slots are held outside the radix tree after the "
+                                     "running requests were checkpointed")
             rt.store.set(f"remp/state/{order.epoch}", pickle.dumps(state))
         if was_active:
             runner = sched.tp_worker.model_runner
@@ -177,6 +205,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
     t = time.perf_counter()
     if was_active:
         _teardown(sched)
+        if not now_active:
+            clear_requests(sched)
     times["teardown_s"] = time.perf_counter() - t
     rt.topology, rt.epoch, rt.pool_size = new, order.epoch, new_size
     if now_active:
@@ -189,6 +219,11 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         t = time.perf_counter()
         import_state(sched, state, new_size)
         _refresh_scheduler(sched)
+        if not was_active:  # a joining rank: rank zero's queue, request by request
+            adopt_requests(sched, state.requests)
+            sched._engine_paused = state.engine_paused
+        # Admission depends on this estimate: every rank of the new world starts equal.
+        sched.new_token_ratio_tracker.reset()
         times["cache_state_s"] = time.perf_counter() - t
     sums = torch.tensor([kv.stats.bytes_sent, weights.stats.bytes_sent], dtype=torch.float64)
     del weights  # the model adopted its tensors; the old ones went with _teardown
@@ -200,6 +235,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
             rt.store.delete_key(key)
     rt.state = "serving"
     times["total_s"] = time.perf_counter() - t0
+    downtime = time.perf_counter() - t_boundary
     report = {
         "old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
         "kv_bytes_moved": int(sums[0]), "weight_bytes_moved": int(sums[1]),
@@ -209,6 +245,9 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder) -> dict:
         "cached_tokens_before": state.cached_tokens,
         "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
         else None,
+        "requests_carried": carried, "cached_tokens_evicted": evicted,
+        "queued_requests": len(state.requests),
+        "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
     }
     logger.info("remp: reshape %s -> %s on rank %d: %s", (old.tp, old.pp), (new.tp, new.pp),
@@ -246,6 +285,7 @@ def _teardown(sched: Any) -> None:
     """Drop the old worker and pool, then destroy the SGLang world (groups and default PG)."""
     from sglang.srt.distributed import parallel_state
 
+    commit_pp_sends(sched)
     sched.token_to_kv_pool_allocator._kvcache = None
     for name in ("tp_worker", "model_worker", "weight_updater", "dp_attn_adapter",
                  "batch_result_processor", "future_map"):

@@ -5,8 +5,11 @@
 - `around_dispatch_event_loop`: a supervisor that applies the start-up layout, re-enters
   the right loop (PP or not) after each reshape, and parks ranks outside the layout.
 - `after_init_request_dispatcher`: routes the topology and reshape messages.
-- `around_on_idle`: runs a pending reshape at the idle point, which every rank of the
-  world reaches in the same loop iteration.
+- `around_get_next_batch_to_run`: runs a pending reshape at the step boundary, which every
+  rank of the world reaches in the same loop iteration (the order arrives through the
+  same broadcast/relay as requests); with PP it first holds new micro-batches until the
+  launched ones are processed. `around_paused_state` does the same while SGLang's
+  generation is paused (the loop then skips scheduling).
 Handlers never raise into the event loop: errors become replies.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -38,6 +42,7 @@ from .reshape import (
     rebind_threads,
     wait_for_order,
 )
+from .step_boundary import pp_hold_steps, settle_overlap
 
 logger = logging.getLogger("sglang.srt.remp")
 CTRL_TIMEOUT_S = float(os.environ.get("REMP_CTRL_TIMEOUT_S", "120"))
@@ -178,27 +183,51 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.dist_port)
     if rt.launch_rank == 0:
         publish_order(rt, order)
-    rt.pending = (order, request)
+    rt.pending, rt.order_at, rt.hold = (order, request), time.perf_counter(), 0
     return None
 
 
-def around_on_idle(original: Any, scheduler: Any) -> Any:
+def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: Any,
+                                 last_batch: Any) -> Any:
     rt = runtime(scheduler)
     if rt is None or rt.pending is None:
-        return original(scheduler)
-    order, request = rt.pending
-    rt.pending = None
-    if _run(scheduler, rt, order, request):
-        raise RempLoopRestart
+        return original(scheduler, running_batch, last_batch)
+    if rt.topology.pp > 1 and rt.hold < pp_hold_steps(scheduler):
+        # Launched micro-batches finish on every stage; nothing new is scheduled.
+        from sglang.srt.managers.schedule_batch import NextBatchPlan
+
+        rt.hold += 1
+        return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
+    _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
+    return original(scheduler, scheduler.running_batch, scheduler.last_batch)
+
+
+def around_paused_state(original: Any, scheduler: Any) -> Any:
+    """While generation is paused the loop never schedules: reshape from here."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.pending is not None and rt.topology.pp == 1:
+        _step_boundary(scheduler, rt)
     return original(scheduler)
 
 
-def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any) -> bool:
+def _step_boundary(scheduler: Any, rt: RempRuntime) -> None:
+    order, request = rt.pending
+    rt.pending, rt.hold = None, 0
+    settle_overlap(scheduler)
+    if _run(scheduler, rt, order, request, t_order=rt.order_at):
+        raise RempLoopRestart
+
+
+def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
+         t_order: float | None = None) -> bool:
     """Execute an order; True if the layout changed. Rank zero answers the HTTP request."""
     from .messages import RempReshapeReqOutput
 
     try:
-        report = execute(scheduler, rt, order)
+        t_boundary = time.perf_counter()
+        report = execute(scheduler, rt, order, t_boundary)
+        if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
+            report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
         out = RempReshapeReqOutput(report_json=json.dumps(report))
         changed = True
     except MigrationError as error:  # agreed before teardown: the old layout still serves

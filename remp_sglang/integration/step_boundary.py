@@ -1,0 +1,235 @@
+"""The step boundary of a live reshape: requests in flight stop on the old layout and
+continue on the new one, with nothing drained, retried or lost.
+
+Between two steps SGLang holds requests in the running batch (decoding), the last
+prefill batch and a half-done chunked prefill (all with KV), and in the waiting and
+grammar queues (no KV). At the boundary every rank of the old world, in the same loop
+iteration (the order reaches them through SGLang's own broadcast and PP relay):
+
+1. settles what is in flight: the overlap scheduler's pending result; with PP, the
+   micro-batches already launched (`hold`: nothing new is scheduled until every stage
+   has processed them, a fixed number of loop iterations, the same on every stage);
+2. makes room when the new layout holds fewer KV slots than are live: SGLang's own LRU
+   eviction of unreferenced prefixes (running requests hold tree locks, so their KV is
+   never evicted); if that cannot suffice the reshape is refused before anything moves;
+3. checkpoints the KV of every request that holds some into the radix tree (SGLang's
+   `release_kv_cache(checkpoint=True)`) and re-queues the request at the head of the
+   waiting queue as a retracted request (SGLang's own retract path). All live KV is then
+   in the tree, which the reshape carries. The first step on the new layout extends each
+   request by the one token whose KV was not yet written, which is the decode step it
+   would have run next: it continues from the token where it stopped, and its stream
+   only pauses (retraction is internal to the scheduler; nothing is re-sent).
+
+Ranks that join the new world (parked before) receive rank zero's queues as plain
+records (SGLang's own msgpack encoding of the original request plus its progress) and
+rebuild the same requests, so every rank of the new world schedules identically. If the
+reshape fails before the new layout serves, the requests are already back in the old
+layout's queue and resume through the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from remp_sglang.engine import CapacityError
+
+logger = logging.getLogger("sglang.srt.remp")
+
+
+@dataclass
+class RequestRecord:
+    """A queued request as plain data: what a joining rank needs to rebuild it."""
+
+    rid: str
+    recv: bytes  # SGLang's msgpack encoding of the TokenizedGenerateReqInput
+    output_ids: list[int]
+    max_new_tokens: int | None
+    logprob_start_len: int
+    retraction_count: int
+    retracted: bool
+
+
+def after_create_generation_req(req: Any, scheduler: Any, recv_req: Any, *args: Any,
+                                **kwargs: Any) -> Any:
+    """Keep each request's original input, so a joining rank can rebuild it."""
+    req._remp_recv = recv_req
+    return req
+
+
+# ----------------------------------------------------------------------------- settle
+
+
+def pp_hold_steps(scheduler: Any) -> int:
+    """Loop iterations after which every stage has processed every launched micro-batch
+    (a result reaches the first stage within one loop round, the last within two)."""
+    return 2 * scheduler.pp_loop_size
+
+
+def settle_overlap(scheduler: Any) -> None:
+    """Process the overlap scheduler's pending result: its tokens reach the clients."""
+    queue = getattr(scheduler, "result_queue", None)
+    while scheduler.enable_overlap and queue:
+        batch, result = queue.popleft()
+        scheduler.process_batch_result(batch, result)
+
+
+def _is_pp(scheduler: Any) -> bool:
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().pp_size > 1
+
+
+def kv_requests(scheduler: Any) -> list[Any]:
+    """Unfinished requests holding KV: running, last prefill, chunked (each once)."""
+    if _is_pp(scheduler):
+        running, last = list(scheduler.running_mbs), list(scheduler.last_mbs)
+    else:
+        running, last = [scheduler.running_batch], [scheduler.last_batch]
+    # A prefill batch is merged into the running batch only at the next scheduling step.
+    batches = running + [b for b in last if b is not None and b.forward_mode.is_extend()
+                         and all(b is not r for r in running)]
+    out: list[Any] = []
+    seen: set[int] = set()
+    for req in [r for b in batches for r in b.reqs] + [scheduler.chunked_req]:
+        if req is not None and id(req) not in seen and not req.finished() \
+                and req.kv.holds_kv:
+            seen.add(id(req))
+            out.append(req)
+    return out
+
+
+# ----------------------------------------------------------------------------- room
+
+
+def make_room(scheduler: Any, reqs: list[Any], capacity: int) -> int:
+    """Evict unreferenced cached prefixes (SGLang's LRU) until the live KV plus one new
+    slot per carried request fits `capacity`; CapacityError (nothing evicted) if even
+    evicting every unreferenced prefix would not, or if a carried or queued request could
+    never complete there. Returns the tokens evicted."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    for req in list(reqs) + _queued(scheduler):
+        longest = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
+        if longest > capacity:
+            raise CapacityError(
+                f"request {req.rid} may grow to {longest} tokens (prompt + max_new_tokens), "
+                f"more than the {capacity} KV slots of the new layout")
+    alloc, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
+    live = int(alloc.size) - int(alloc.available_size())
+    need = live + len(reqs) - capacity
+    if need <= 0:
+        return 0
+    evictable = int(tree.evictable_size())
+    if evictable < need:
+        raise CapacityError(
+            f"the new layout holds {capacity} KV slots; {live} are live, of which only "
+            f"{evictable} are unreferenced cached prefixes, and {len(reqs)} running "
+            f"requests need a slot each: {need - evictable} slots do not fit")
+    before = alloc.available_size()
+    tree.evict(EvictParams(num_tokens=need))
+    return int(alloc.available_size() - before)
+
+
+# ----------------------------------------------------------------------------- carry
+
+
+def checkpoint_requests(scheduler: Any, reqs: list[Any]) -> None:
+    """KV of `reqs` into the tree; the requests to the head of the waiting queue."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    for req in reqs:
+        release_kv_cache(req, scheduler.tree_cache, checkpoint=True)
+        req.reset_for_retract()
+    carried = {id(r) for r in reqs}
+    rest = [r for r in scheduler.waiting_queue if id(r) not in carried]
+    for req in reqs:
+        scheduler._add_request_to_queue(req, is_retracted=True)
+    queued = [r for r in scheduler.waiting_queue if id(r) in carried]
+    scheduler.waiting_queue = queued + rest
+    _clear_batches(scheduler)
+
+
+def _clear_batches(scheduler: Any) -> None:
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    scheduler.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
+    scheduler.last_batch = None
+    scheduler.chunked_req = None
+    scheduler.cur_batch_for_debug = None
+    if _is_pp(scheduler):
+        n = len(scheduler.mbs)
+        scheduler.mbs, scheduler.last_mbs = [None] * n, [None] * n
+        scheduler.running_mbs = [ScheduleBatch(reqs=[], batch_is_full=False)
+                                 for _ in range(n)]
+
+
+def commit_pp_sends(scheduler: Any) -> None:
+    """Wait for the PP stage's asynchronous sends before its world goes away."""
+    for name in ("send_req_work", "send_proxy_work", "send_output_work"):
+        work = getattr(scheduler, name, None)
+        if work:
+            scheduler._pp_commit_comm_work(work)
+
+
+def clear_requests(scheduler: Any) -> None:
+    """A rank leaving the layout keeps no request state (it is stale when it rejoins)."""
+    scheduler.waiting_queue = []
+    grammar = getattr(scheduler, "grammar_manager", None)
+    if grammar is not None and hasattr(grammar, "grammar_queue"):
+        grammar.grammar_queue.clear()
+    _clear_batches(scheduler)
+
+
+# ----------------------------------------------------------------------------- joiners
+
+
+def _queued(scheduler: Any) -> list[Any]:
+    grammar = getattr(scheduler, "grammar_manager", None)
+    pending = list(getattr(grammar, "grammar_queue", []) or [])
+    return list(scheduler.waiting_queue) + pending
+
+
+def export_requests(scheduler: Any) -> list[RequestRecord]:
+    """Rank zero's queued requests, in queue order, as plain records.
+
+    The request's timing record is the one field SGLang carries pickled; it is dropped
+    (a joining rank starts its own), so a record is plain msgpack data.
+    """
+    import msgspec
+    from sglang.srt.managers.io_struct import msgpack_encode
+
+    out = []
+    for req in _queued(scheduler):
+        recv = getattr(req, "_remp_recv", None)
+        if recv is None:
+            raise ValueError(f"request {req.rid}: its original input was not kept")
+        out.append(RequestRecord(
+            rid=req.rid, recv=msgpack_encode(msgspec.structs.replace(recv, time_stats=None)),
+            output_ids=list(req.output_ids),
+            max_new_tokens=req.sampling_params.max_new_tokens,
+            logprob_start_len=int(req.logprob_start_len),
+            retraction_count=int(req.retraction_count), retracted=bool(req.is_retracted)))
+    return out
+
+
+def adopt_requests(scheduler: Any, records: list[RequestRecord]) -> None:
+    """On a joining rank: rebuild rank zero's queued requests in the same order."""
+    from sglang.srt.managers.io_struct import msgpack_decode
+
+    clear_requests(scheduler)
+    for rec in records:
+        scheduler.handle_generate_request(msgpack_decode(rec.recv))
+        req = next((r for r in reversed(_queued(scheduler)) if r.rid == rec.rid), None)
+        if req is None:
+            raise ValueError(f"request {rec.rid} was not re-created on this rank")
+        req.output_ids = array("q", rec.output_ids)
+        req.sampling_params.max_new_tokens = rec.max_new_tokens
+        req.logprob_start_len = rec.logprob_start_len
+        req.retraction_count = rec.retraction_count
+        req.is_retracted = req.retracted_stain = rec.retracted
+    got = [r.rid for r in _queued(scheduler)]
+    if got != [rec.rid for rec in records]:
+        raise ValueError("the re-created queue differs from rank zero's")
