@@ -35,6 +35,8 @@ class RempTopologyReqOutput(BaseReq, kw_only=True):
     initial_pp: int | None = None
     threads: int = 0  # rank zero's torch threads and cores (thread binding follows layout)
     cpus: list[int] = msgspec.field(default_factory=list)
+    process_groups: int = 0  # rank zero's live torch.distributed groups (leak checks)
+    python_threads: int = 0
     error: str | None = None
 
 

@@ -87,6 +87,7 @@ class RempRuntime:
     pending: tuple[ReshapeOrder, Any] | None = None
     order_at: float = 0.0  # when the pending order reached this rank
     hold: int = 0  # PP: loop iterations held so far for launched micro-batches
+    settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:
@@ -150,11 +151,12 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     state, old_params, old_pool, new_pool_obj = None, {}, None, None
     new_size = rt.capacity_for(new)
     error: BaseException | None = None
-    carried, evicted = 0, 0
+    carried, evicted, chunked = 0, 0, False
     try:
         new.check_model(rt.decoder.shape)
         if was_active:  # every old-active rank alike: their replicated state stays equal
             reqs = kv_requests(sched)
+            chunked = any(r is sched.chunked_req for r in reqs)
             evicted = make_room(sched, reqs, new_size)
             checkpoint_requests(sched, reqs)
             carried = len(reqs)
@@ -245,7 +247,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "cached_tokens_before": state.cached_tokens,
         "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
         else None,
-        "requests_carried": carried, "cached_tokens_evicted": evicted,
+        "requests_carried": carried, "chunked_prefill_carried": chunked,
+        "cached_tokens_evicted": evicted,
         "queued_requests": len(state.requests),
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},

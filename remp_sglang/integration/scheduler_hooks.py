@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -164,10 +165,17 @@ def handle_topology(scheduler: Any, request: Any) -> Any:
             launch_world_size=config.launch_world_size,
             initial_tp=config.initial_tp, initial_pp=config.initial_pp,
             threads=torch.get_num_threads(), cpus=sorted(os.sched_getaffinity(0)),
+            process_groups=_process_groups(), python_threads=threading.active_count(),
         )
     except Exception as error:  # report instead of killing the scheduler
         logger.exception("remp: topology request failed")
         return RempTopologyReqOutput(state="error", error=f"{type(error).__name__}: {error}")
+
+
+def _process_groups() -> int:
+    import torch.distributed as dist
+
+    return len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else 0
 
 
 def handle_reshape(scheduler: Any, request: Any) -> Any:
@@ -190,7 +198,11 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
 def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: Any,
                                  last_batch: Any) -> Any:
     rt = runtime(scheduler)
-    if rt is None or rt.pending is None:
+    if rt is None:
+        return original(scheduler, running_batch, last_batch)
+    if rt.settled_last is not None:  # a batch settled for a reshape that did not happen
+        last_batch, rt.settled_last = rt.settled_last, None
+    if rt.pending is None:
         return original(scheduler, running_batch, last_batch)
     if rt.topology.pp > 1 and rt.hold < pp_hold_steps(scheduler):
         # Launched micro-batches finish on every stage; nothing new is scheduled.
@@ -199,7 +211,8 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
         rt.hold += 1
         return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
     _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
-    return original(scheduler, scheduler.running_batch, scheduler.last_batch)
+    last_batch, rt.settled_last = rt.settled_last, None
+    return original(scheduler, scheduler.running_batch, last_batch)
 
 
 def around_paused_state(original: Any, scheduler: Any) -> Any:
@@ -211,11 +224,18 @@ def around_paused_state(original: Any, scheduler: Any) -> Any:
 
 
 def _step_boundary(scheduler: Any, rt: RempRuntime) -> None:
+    """Run the pending order here. On success the loop restarts on the new layout; on
+    failure the old layout serves on. The overlap loop pops the last batch's result
+    when `last_batch` is set: once settled here, the batch is handed to the next
+    scheduling step through `rt.settled_last` instead (it still merges into the running
+    batch there)."""
     order, request = rt.pending
     rt.pending, rt.hold = None, 0
-    settle_overlap(scheduler)
+    settled = settle_overlap(scheduler)
     if _run(scheduler, rt, order, request, t_order=rt.order_at):
         raise RempLoopRestart
+    if settled and scheduler.last_batch is not None:
+        rt.settled_last, scheduler.last_batch = scheduler.last_batch, None
 
 
 def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,

@@ -68,12 +68,16 @@ def pp_hold_steps(scheduler: Any) -> int:
     return 2 * scheduler.pp_loop_size
 
 
-def settle_overlap(scheduler: Any) -> None:
-    """Process the overlap scheduler's pending result: its tokens reach the clients."""
+def settle_overlap(scheduler: Any) -> bool:
+    """Process the overlap scheduler's pending result (its tokens reach the clients);
+    True if there was one."""
     queue = getattr(scheduler, "result_queue", None)
+    settled = False
     while scheduler.enable_overlap and queue:
         batch, result = queue.popleft()
         scheduler.process_batch_result(batch, result)
+        settled = True
+    return settled
 
 
 def _is_pp(scheduler: Any) -> bool:
@@ -159,7 +163,7 @@ def _clear_batches(scheduler: Any) -> None:
     scheduler.last_batch = None
     scheduler.chunked_req = None
     scheduler.cur_batch_for_debug = None
-    if _is_pp(scheduler):
+    if _is_pp(scheduler) and hasattr(scheduler, "mbs"):  # the PP loop re-creates them
         n = len(scheduler.mbs)
         scheduler.mbs, scheduler.last_mbs = [None] * n, [None] * n
         scheduler.running_mbs = [ScheduleBatch(reqs=[], batch_is_full=False)

@@ -1,0 +1,189 @@
+"""Client traffic against a live server, for tests, benchmarks and the demo.
+
+Each `Job` is one request through one of SGLang's APIs: `/generate` (token ids in and
+out, streaming or not) or the OpenAI-compatible `/v1/completions` and
+`/v1/chat/completions` through the `openai` client (streaming or not). Every call is
+greedy with `ignore_eos`, so its output is a pure function of the prompt and the length:
+an `Outcome` can be compared exactly with an undisturbed run's. Streaming outcomes keep
+the arrival time of every chunk, so the largest gap a client saw is known.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import requests
+
+KINDS = ("generate", "generate_stream", "completions", "completions_stream", "chat",
+         "chat_stream")
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str
+    prompt_ids: tuple[int, ...]  # /generate
+    prompt_text: str  # the OpenAI routes
+    max_tokens: int
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind.endswith("_stream")
+
+
+@dataclass
+class Outcome:
+    job: Job
+    output: list[int] | str | None = None  # token ids (/generate) or text (OpenAI)
+    chunk_times: list[float] = field(default_factory=list)
+    t_start: float = 0.0
+    t_end: float = 0.0
+    error: str | None = None
+
+    @property
+    def max_gap(self) -> float:
+        """Largest wait between two consecutive chunks (0 for a single answer)."""
+        times = self.chunk_times
+        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+    def gap_during(self, start: float, end: float) -> float:
+        """Largest chunk gap overlapping [start, end] (a reshape's window)."""
+        times = self.chunk_times
+        return max((b - a for a, b in zip(times, times[1:], strict=False)
+                    if b >= start and a <= end), default=0.0)
+
+    def straddles(self, start: float, end: float) -> bool:
+        return self.t_start < start and self.t_end > end
+
+
+def make_jobs(prompts: Sequence[Sequence[int]], texts: Sequence[str],
+              lengths: Sequence[int], kinds: Sequence[str] = KINDS) -> list[Job]:
+    """One job per prompt, cycling through kinds and lengths."""
+    return [Job(kinds[i % len(kinds)], tuple(int(t) for t in prompts[i]),
+                texts[i % len(texts)], lengths[i % len(lengths)]) for i in range(len(prompts))]
+
+
+def _sampling(max_tokens: int) -> dict:
+    return {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+def run_job(base_url: str, job: Job, model: str, timeout_s: float = 600.0,
+            api_key: str | None = None) -> Outcome:
+    out = Outcome(job, t_start=time.perf_counter())
+    try:
+        if job.kind.startswith("generate"):
+            _generate(base_url, job, out, timeout_s, api_key)
+        else:
+            _openai(base_url, job, out, model, timeout_s, api_key)
+    except Exception as error:  # a failed request is a result, not a crash of the client
+        out.error = f"{type(error).__name__}: {error}"
+    out.t_end = time.perf_counter()
+    return out
+
+
+def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
+              api_key: str | None) -> None:
+    payload = {"input_ids": list(job.prompt_ids), "sampling_params": _sampling(job.max_tokens),
+               "stream": job.streaming}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with requests.post(base_url + "/generate", json=payload, stream=job.streaming,
+                       timeout=timeout_s, headers=headers) as response:
+        response.raise_for_status()
+        if not job.streaming:
+            out.output = list(response.json()["output_ids"])
+            out.chunk_times.append(time.perf_counter())
+            return
+        tokens: list[int] = []
+        for line in response.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            ids = list(chunk["output_ids"])
+            if ids[:len(tokens)] != tokens:  # SGLang streams the ids so far
+                raise RuntimeError("streamed tokens changed after they were sent")
+            tokens = ids
+            out.chunk_times.append(time.perf_counter())
+        out.output = tokens
+
+
+def _openai(base_url: str, job: Job, out: Outcome, model: str, timeout_s: float,
+            api_key: str | None) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=api_key or "none",
+                           timeout=timeout_s, max_retries=0)
+    common = {"model": model, "max_tokens": job.max_tokens, "temperature": 0.0,
+              "stream": job.streaming, "extra_body": {"ignore_eos": True}}
+    chat = job.kind.startswith("chat")
+    if chat:
+        reply = client.chat.completions.create(
+            messages=[{"role": "user", "content": job.prompt_text}], **common)
+    else:
+        reply = client.completions.create(prompt=job.prompt_text, **common)
+    if not job.streaming:
+        out.output = reply.choices[0].message.content if chat else reply.choices[0].text
+        out.chunk_times.append(time.perf_counter())
+        return
+    parts: list[str] = []
+    for chunk in reply:
+        if not chunk.choices:
+            continue
+        piece = chunk.choices[0].delta.content if chat else chunk.choices[0].text
+        if piece:
+            parts.append(piece)
+            out.chunk_times.append(time.perf_counter())
+    out.output = "".join(parts)
+
+
+def _load_openai() -> None:
+    """openai loads its resource modules lazily; a first use from several threads at once
+    can deadlock on the import lock, so load them here, in one thread."""
+    import openai
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="none")
+    _ = client.completions, client.chat.completions
+
+
+def run_concurrently(base_url: str, jobs: Sequence[Job], model: str,
+                     stagger_s: float = 0.0, api_key: str | None = None) -> list[Outcome]:
+    """Every job in its own thread (started `stagger_s` apart); outcomes in job order."""
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    if any(not job.kind.startswith("generate") for job in jobs):
+        _load_openai()
+
+    def worker(i: int) -> None:
+        outcomes[i] = run_job(base_url, jobs[i], model, api_key=api_key)
+
+    threads = []
+    for i in range(len(jobs)):
+        threads.append(threading.Thread(target=worker, args=(i,), daemon=True))
+        threads[-1].start()
+        if stagger_s:
+            time.sleep(stagger_s)
+    for thread in threads:
+        thread.join()
+    return outcomes  # type: ignore[return-value]
+
+
+class Background:
+    """`run_concurrently` in a background thread: start traffic, reshape, then `wait()`."""
+
+    def __init__(self, base_url: str, jobs: Sequence[Job], model: str,
+                 stagger_s: float = 0.0, api_key: str | None = None) -> None:
+        self.outcomes: list[Outcome] = []
+        self._thread = threading.Thread(
+            target=lambda: self.outcomes.extend(
+                run_concurrently(base_url, jobs, model, stagger_s, api_key)),
+            daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float = 900.0) -> list[Outcome]:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError("client traffic did not finish in time")
+        return self.outcomes
