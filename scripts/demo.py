@@ -5,9 +5,12 @@
 Generates a tiny random-weight model (``.artifacts/demo/<arch>``, byte-identical every
 run), starts a real ``sglang.launch_server --remp`` on CPU at TP 2, sends traffic (so
 the radix cache holds prefixes), then reshapes it through ``POST /remp/reshape`` across
-the layouts, checking after each switch that a repeated prompt still hits the cache and
-gives the same greedy tokens. For each layout it also times a full restart (a fresh
-server at that layout, launch to healthy) in the same run, and prints one table.
+the layouts WHILE streaming clients generate (nothing is drained: their requests move
+with the switch). After each switch it checks that the streamed outputs equal an
+undisturbed run's, and that a repeated prompt still hits the cache and gives the same
+greedy tokens. For each layout it also times a full restart (a fresh server at that
+layout, launch to first token) in the same run, and prints one table: downtime, the
+API call's wait and the largest gap a streaming client saw, next to the restart.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from remp_sglang.testing import SGLangServer, launch_sglang_server
+from remp_sglang.testing.traffic import Background, Job, run_concurrently
 from remp_sglang.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,31 +64,47 @@ def main() -> None:
         reference, _ = traffic(server)
         _, cached = traffic(server)
         print(f"traffic sent; a repeated prompt has {cached} tokens cached")
+        streams = [Job("generate_stream", tuple(range(10 + i, 30 + i)), "", 150)
+                   for i in range(2)]
+        undisturbed = [o.output for o in run_concurrently(server.base_url, streams, "")]
         for tp, pp in layouts:
+            clients = Background(server.base_url, streams, "")
+            time.sleep(0.5)  # the streams are decoding when the reshape comes
+            start = time.perf_counter()
             response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
+            end = time.perf_counter()
             response.raise_for_status()
             report = response.json()
+            streamed = clients.wait()
+            report["client_gap_s"] = max(o.gap_during(start, end) for o in streamed)
+            report["streams_ok"] = [o.output for o in streamed] == undisturbed
             outputs, cached_after = traffic(server)
             topo = server.get("/remp/topology").json()
             assert (topo["tp"], topo["pp"]) == (tp, pp), topo
-            rows.append({**report, "same_output": outputs == reference,
+            rows.append({**report, "same_output": outputs == reference and report["streams_ok"],
                          "repeat_cached": cached_after})
-            print(f"reshaped {report['old']} -> {report['new']} in {report['downtime_s']:.3f}s")
+            print(f"reshaped {report['old']} -> {report['new']} with "
+                  f"{report['requests_carried']} streams running: downtime "
+                  f"{report['downtime_s']:.3f}s, largest client gap {report['client_gap_s']:.3f}s")
     restarts: dict[tuple[int, int], float] = {}
     if not args.no_restarts:
         for layout in dict.fromkeys(layouts):
             restarts[layout] = restart_time(model_dir, *layout, args.out)
             print(f"restart at tp={layout[0]} pp={layout[1]}: {restarts[layout]:.1f}s")
 
-    print("\n# live reshape vs full restart (same run; restart = launch to first token)")
-    print(f"{'switch':>13} {'downtime s':>10} {'restart s':>9} {'speedup':>8} {'KV bytes':>9} "
+    print("\n# live reshape under streaming load vs full restart (same run; restart = launch "
+          "to first token)")
+    print(f"{'switch':>13} {'downtime s':>10} {'wait s':>7} {'client gap s':>12} "
+          f"{'carried':>7} {'restart s':>9} {'speedup':>8} {'KV bytes':>9} "
           f"{'weight bytes':>12} {'cached before':>13} {'after':>6} {'same out':>8}")
     for r in rows:
         layout = (r["new"]["tp"], r["new"]["pp"])
         restart = restarts.get(layout)
         switch = f"{r['old']['tp']}x{r['old']['pp']}->{layout[0]}x{layout[1]}"
         speed = f"{restart / r['downtime_s']:.0f}x" if restart else "-"
-        print(f"{switch:>13} {r['downtime_s']:>10.3f} {restart or float('nan'):>9.1f} {speed:>8} "
+        print(f"{switch:>13} {r['downtime_s']:>10.3f} {r['request_wait_s']:>7.3f} "
+              f"{r['client_gap_s']:>12.3f} {r['requests_carried']:>7} "
+              f"{restart or float('nan'):>9.1f} {speed:>8} "
               f"{r['kv_bytes_moved']:>9} {r['weight_bytes_moved']:>12} "
               f"{r['cached_tokens_before']:>13} {r['cached_tokens_after']:>6} "
               f"{'yes' if r['same_output'] else 'NO':>8}")

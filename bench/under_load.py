@@ -1,0 +1,151 @@
+"""Reshapes under load: concurrent clients keep sending while the server switches layouts.
+
+    python bench/under_load.py [--quick] [--reshapes N] [--clients N] [--json PATH]
+
+A real ``sglang.launch_server --remp`` (tiny float32 Llama, 2 ranks, CPU) serves clients
+that loop over requests through every API (`/generate`, and through the `openai` client
+`/v1/completions` and `/v1/chat/completions`, streaming and not; greedy, ignore_eos),
+while the server reshapes repeatedly across the layouts 2 ranks allow (TP1, TP2, TP1xPP2).
+Each output is compared with an undisturbed run of the same request. Printed per
+reshape: downtime (the schedulers' pause), request wait (the API call), the largest gap
+any streaming client saw during it, requests that straddled it; overall: requests sent /
+completed / failed / equal to the reference, the decode step (median streaming gap), the
+prefix-cache hits of a probe prompt, and each process's resident memory before and after.
+Full mode (50 reshapes) is the soak; ``--quick`` runs 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from remp_sglang.testing import launch_sglang_server
+from remp_sglang.testing.traffic import KINDS, Outcome, make_jobs, run_concurrently, run_job
+from remp_sglang.tiny_model import make_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CYCLE = ((1, 1), (2, 1), (1, 2), (1, 1), (1, 2), (2, 1))
+TEXTS = ("Tell me a story about a fox.", "List three colours", "def main():",
+         "The weather today is", "Once upon a time", "Q: what is 2+2? A:")
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return [5 + (seed * 31 + i * 7) % 250 for i in range(n)]
+
+
+def rss_mib(pid: int) -> list[int]:
+    procs = sorted(psutil.Process(pid).children(recursive=True), key=lambda p: p.pid)
+    return [p.memory_info().rss >> 20 for p in procs]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="6 reshapes (default 50)")
+    parser.add_argument("--reshapes", type=int, default=None)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "under_load")
+    args = parser.parse_args()
+    reshapes = args.reshapes or (6 if args.quick else 50)
+
+    model_dir = make_tiny_model(args.out / "llama", "llama")
+    jobs = make_jobs([ids(8 + 13 * i, i) for i in range(12)], TEXTS, (40, 90, 60, 140), KINDS)
+    with launch_sglang_server(model_dir, tp=2, extra_args=("--remp",), log_dir=args.out,
+                              max_total_tokens=2048) as server:
+        url, model = server.base_url, str(model_dir)
+        print(f"server --remp tp=2 healthy after {server.startup_s:.1f}s; log {server.log_path}")
+        reference = {o.job: o.output for o in run_concurrently(url, jobs, model)}
+        probe = ids(100, 999)
+        server.generate(probe, 1)
+        for tp, pp in CYCLE:  # every layout once, unloaded: first-time costs are not measured
+            server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600).raise_for_status()
+        server.post("/remp/reshape", {"tp": 2, "pp": 1}, timeout=600).raise_for_status()
+        rss_before = rss_mib(server.pid)
+
+        outcomes: list[Outcome] = []
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                out = run_job(url, jobs[i % len(jobs)], model)
+                with lock:
+                    outcomes.append(out)
+                i += args.clients
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True)
+                   for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        rows = []
+        for n in range(reshapes):
+            tp, pp = CYCLE[n % len(CYCLE)]
+            start = time.perf_counter()
+            response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
+            end = time.perf_counter()
+            report = response.json()
+            rows.append({"n": n, "status": response.status_code, "start": start, "end": end,
+                         **report})
+            time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(600)
+        hits = server.generate(probe, 1)["meta_info"]["cached_tokens"]
+        rss_after = rss_mib(server.pid)
+
+    streamed = [o for o in outcomes if o.job.streaming and o.error is None]
+    decode_step = statistics.median(
+        b - a for o in streamed for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False))
+    print(f"\n# {reshapes} reshapes under load: {args.clients} clients, CPU, 2 ranks, tiny "
+          f"Llama (float32); decode step (median streaming gap) {decode_step * 1e3:.1f} ms")
+    print(f"{'#':>3} {'switch':>9} {'status':>6} {'downtime s':>10} {'wait s':>7} "
+          f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'straddling':>10} {'carried':>7}")
+    for r in rows:
+        gaps = [o.gap_during(r["start"], r["end"]) for o in streamed
+                if o.straddles(r["start"], r["end"])]
+        r["max_gap_s"] = max(gaps, default=0.0)
+        r["straddling"] = sum(o.straddles(r["start"], r["end"]) for o in outcomes)
+        old, new = r.get("old", {}), r.get("new", {})
+        switch = f"{old.get('tp')}x{old.get('pp')}->{new.get('tp')}x{new.get('pp')}"
+        down, wait = r.get("downtime_s", 0.0), r.get("request_wait_s", 0.0)
+        print(f"{r['n']:>3} {switch:>9} {r['status']:>6} {down:>10.3f} {wait:>7.3f} "
+              f"{wait - down:>9.3f} {r['max_gap_s']:>9.3f} "
+              f"{(r['max_gap_s'] - down) if gaps else float('nan'):>8.3f} "
+              f"{r['straddling']:>10} {r.get('requests_carried', 0):>7}")
+    failed = [o for o in outcomes if o.error is not None]
+    equal = sum(o.error is None and o.output == reference[o.job] for o in outcomes)
+    ok = [r for r in rows if r["status"] == 200]
+    summary = {
+        "reshapes": reshapes, "reshapes_ok": len(ok), "clients": args.clients,
+        "requests_sent": len(outcomes), "completed": len(outcomes) - len(failed),
+        "failed": len(failed), "equal_to_reference": equal,
+        "decode_step_s": decode_step,
+        "downtime_s_p50": statistics.median(r["downtime_s"] for r in ok),
+        "downtime_s_max": max(r["downtime_s"] for r in ok),
+        "wait_minus_downtime_s_max": max(r["request_wait_s"] - r["downtime_s"] for r in ok),
+        "gap_minus_downtime_s_max": max((r["max_gap_s"] - r["downtime_s"] for r in ok
+                                         if r["max_gap_s"]), default=None),
+        "probe_cached_tokens": hits, "rss_mib_before": rss_before, "rss_mib_after": rss_after,
+    }
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    for o in failed[:5]:
+        print("failed:", o.job.kind, o.error)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "reshapes": [
+            {k: v for k, v in r.items() if k not in ("start", "end")} for r in rows]},
+            indent=1))
+    return 0 if not failed and equal == len(outcomes) and len(ok) == reshapes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
