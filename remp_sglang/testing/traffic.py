@@ -51,9 +51,13 @@ class Outcome:
 
     def gap_during(self, start: float, end: float) -> float:
         """Largest chunk gap overlapping [start, end] (a reshape's window)."""
+        return self.gap_window(start, end)[0]
+
+    def gap_window(self, start: float, end: float) -> tuple[float, float]:
+        """(largest chunk gap overlapping [start, end], when it began relative to start)."""
         times = self.chunk_times
-        return max((b - a for a, b in zip(times, times[1:], strict=False)
-                    if b >= start and a <= end), default=0.0)
+        return max(((b - a, a - start) for a, b in zip(times, times[1:], strict=False)
+                    if b >= start and a <= end), default=(0.0, 0.0))
 
     def straddles(self, start: float, end: float) -> bool:
         return self.t_start < start and self.t_end > end
