@@ -87,6 +87,7 @@ class RempRuntime:
     pending: tuple[ReshapeOrder, Any] | None = None
     order_at: float = 0.0  # when the pending order reached this rank
     hold: int = 0  # PP: loop iterations held so far for launched micro-batches
+    pp_retract: bool = False  # PP: a pause_generation(retract) waiting for quiescence
     settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
     staging: torch.Tensor | None = None
 

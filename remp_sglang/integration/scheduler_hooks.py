@@ -43,7 +43,7 @@ from .reshape import (
     rebind_threads,
     wait_for_order,
 )
-from .step_boundary import pp_hold_steps, settle_overlap
+from .step_boundary import checkpoint_requests, kv_requests, pp_hold_steps, settle_overlap
 
 logger = logging.getLogger("sglang.srt.remp")
 CTRL_TIMEOUT_S = float(os.environ.get("REMP_CTRL_TIMEOUT_S", "120"))
@@ -202,6 +202,8 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
         return original(scheduler, running_batch, last_batch)
     if rt.settled_last is not None:  # a batch settled for a reshape that did not happen
         last_batch, rt.settled_last = rt.settled_last, None
+    if rt.pending is None and rt.topology.pp > 1 and (rt.pp_retract or scheduler._engine_paused):
+        return _pp_paused(scheduler, rt, running_batch)
     if rt.pending is None:
         return original(scheduler, running_batch, last_batch)
     if rt.topology.pp > 1 and rt.hold < pp_hold_steps(scheduler):
@@ -213,6 +215,38 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
     _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
     last_batch, rt.settled_last = rt.settled_last, None
     return original(scheduler, scheduler.running_batch, last_batch)
+
+
+def around_pause_generation(original: Any, scheduler: Any, recv_req: Any) -> Any:
+    """With PP, SGLang retracts the current micro-batch's requests at once, while the
+    stages still hold different results in flight (a later stage processes a result one
+    loop iteration after the first): the stages' requests then differ by a token and the
+    next prefill desynchronises them. Here the retract waits for the same quiescent
+    point as a reshape (`_pp_paused`), on every stage alike."""
+    rt = runtime(scheduler)
+    if rt is None or rt.topology.pp == 1 or recv_req.mode != "retract":
+        return original(scheduler, recv_req)
+    scheduler._engine_paused = True
+    if scheduler._pause_started_at is None:
+        scheduler._pause_started_at = time.monotonic()
+    rt.pp_retract, rt.hold = True, 0
+    return None
+
+
+def _pp_paused(scheduler: Any, rt: RempRuntime, running_batch: Any) -> Any:
+    """PP while generation is paused: schedule nothing (as SGLang's other loops do); a
+    pending retract runs once every launched micro-batch is processed on every stage,
+    keeping the requests' KV in the tree (no recompute when they resume)."""
+    from sglang.srt.managers.schedule_batch import NextBatchPlan
+
+    if rt.pp_retract:
+        if rt.hold < pp_hold_steps(scheduler):
+            rt.hold += 1
+        else:
+            checkpoint_requests(scheduler, kv_requests(scheduler))
+            rt.pp_retract, rt.hold = False, 0
+            running_batch = scheduler.running_batch
+    return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
 
 
 def around_paused_state(original: Any, scheduler: Any) -> Any:
