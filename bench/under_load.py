@@ -11,7 +11,8 @@ reshape: downtime (the schedulers' pause), request wait (the API call), the larg
 any streaming client saw during it, requests that straddled it; overall: requests sent /
 completed / failed / equal to the reference, the decode step (median streaming gap), the
 prefix-cache hits of a probe prompt after every reshape, and each process's resident
-memory before and after. "gap from" is when the largest gap began, relative to the call.
+memory before and after. "gap from" is when the largest gap began, relative to the call;
+"step after" is the median streaming gap in the second after it (the new layout's step).
 Full mode (50 reshapes) is the soak; ``--quick`` runs 6.
 """
 
@@ -110,12 +111,16 @@ def main() -> int:
     print(f"\n# {reshapes} reshapes under load: {args.clients} clients, CPU, 2 ranks, tiny "
           f"Llama (float32); decode step (median streaming gap) {decode_step * 1e3:.1f} ms")
     print(f"{'#':>3} {'switch':>9} {'status':>6} {'downtime s':>10} {'wait s':>7} "
-          f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'gap from':>8} "
-          f"{'straddling':>10} {'carried':>7} {'probe hit':>9}")
+          f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'step after':>10} "
+          f"{'gap from':>8} {'straddling':>10} {'carried':>7} {'probe hit':>9}")
     for r in rows:
         gaps = [o.gap_window(r["start"], r["end"]) for o in streamed
                 if o.straddles(r["start"], r["end"])]
         r["max_gap_s"], r["gap_from_s"] = max(gaps, default=(0.0, 0.0))
+        after = [b - a for o in streamed for a, b in zip(o.chunk_times, o.chunk_times[1:],
+                                                           strict=False)
+                 if r["end"] + 0.1 < a and b < r["end"] + 1.0]
+        r["step_after_s"] = statistics.median(after) if after else float("nan")
         r["straddling"] = sum(o.straddles(r["start"], r["end"]) for o in outcomes)
         old, new = r.get("old", {}), r.get("new", {})
         switch = f"{old.get('tp')}x{old.get('pp')}->{new.get('tp')}x{new.get('pp')}"
@@ -123,7 +128,8 @@ def main() -> int:
         print(f"{r['n']:>3} {switch:>9} {r['status']:>6} {down:>10.3f} {wait:>7.3f} "
               f"{wait - down:>9.3f} {r['max_gap_s']:>9.3f} "
               f"{(r['max_gap_s'] - down) if gaps else float('nan'):>8.3f} "
-              f"{r['gap_from_s']:>+8.3f} {r['straddling']:>10} {r.get('requests_carried', 0):>7} "
+              f"{r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} {r['straddling']:>10} "
+              f"{r.get('requests_carried', 0):>7} "
               f"{r['probe_cached']:>9}")
     failed = [o for o in outcomes if o.error is not None]
     equal = sum(o.error is None and o.output == reference[o.job] for o in outcomes)
@@ -138,6 +144,9 @@ def main() -> int:
         "wait_minus_downtime_s_max": max(r["request_wait_s"] - r["downtime_s"] for r in ok),
         "gap_minus_downtime_s_max": max((r["max_gap_s"] - r["downtime_s"] for r in ok
                                          if r["max_gap_s"]), default=None),
+        "gap_within_downtime_plus_one_step": sum(
+            r["max_gap_s"] - r["downtime_s"] <= r["step_after_s"] for r in ok if r["max_gap_s"]),
+        "reshapes_with_a_straddling_stream": sum(1 for r in ok if r["max_gap_s"]),
         "probe_full_hits": sum(r["probe_cached"] >= len(probe) - 1 for r in rows),
         "probe_cached_tokens_end": hits, "rss_mib_before": rss_before, "rss_mib_after": rss_after,
     }

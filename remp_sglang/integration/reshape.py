@@ -402,11 +402,17 @@ def cpus_for(launch_cpus: list[set[int]], topo: Topology, rank: int) -> set[int]
 
 
 def rebind_threads(rt: RempRuntime, topo: Topology) -> None:
-    """Active ranks spread over every launched core; parked ones sleep and hold none."""
+    """Active ranks may run on the cores of the ranks parked beside them; parked ones
+    sleep and hold none.
+
+    The OpenMP team keeps its launch size: growing it at runtime (1 -> 2 threads when a
+    rank takes a parked neighbour's core) made the steps after a switch up to 50x slower
+    for about a second on CPU (measured with bench/under_load.py; not with the team
+    size fixed, nor with OMP_WAIT_POLICY=PASSIVE), a stall every streaming client saw.
+    """
     if not topo.is_active(rt.launch_rank):
         return
     cpus = cpus_for(rt.launch_cpus, topo, rt.launch_rank)
-    torch.set_num_threads(len(cpus))
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cpus)
