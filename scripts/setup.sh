@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 VENV=${REMP_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 PY="$VENV/bin/python"
-pip() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+# This machine's pip configuration names local indexes that may not exist; pip warns for
+# each on every call. Those lines are dropped; everything else (and the status) remains.
+pip() {
+  "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 key() { cat "$@" | sha256sum | cut -c1-16; }
 step() { printf '[setup] %s\n' "$*"; }
 

@@ -254,3 +254,34 @@ def test_pp_bursts_with_pause_continue_and_aborts_after_reshapes(busy):
                 continue  # aborted while running (it may also have finished first)
             assert result["status"] == 200, result
             assert result["body"]["output_ids"] == want[i], (round_, i)
+
+
+def test_constrained_decoding_across_switches(busy):
+    """A regex-constrained request moves with a switch whose ranks were all active; one
+    that would reach a joining rank (its grammar state is not carried there) is refused
+    with 409 and nothing moves. Either way the request completes as if undisturbed."""
+    import threading
+
+    server, _ = busy
+    if (topology(server)["tp"], topology(server)["pp"]) != (2, 1):
+        reshape(server, 2, 1)
+    payload = {"text": "Once upon a time", "sampling_params": {
+        "max_new_tokens": 250, "temperature": 0.0, "ignore_eos": True,
+        "regex": "[a-z]+( [a-z]+)*"}}
+    want = server.post("/generate", payload).json()["text"]
+    assert want and set(want) <= set("abcdefghijklmnopqrstuvwxyz ")
+    for target, allowed in (((1, 1), True), ((2, 1), False)):
+        server.flush_cache()
+        holder: dict = {}
+        thread = threading.Thread(target=lambda h=holder: h.update(
+            r=server.post("/generate", payload)))
+        thread.start()
+        time.sleep(0.5)
+        response = server.post("/remp/reshape", {"tp": target[0], "pp": target[1]})
+        thread.join(600)
+        assert holder["r"].status_code == 200 and holder["r"].json()["text"] == want
+        if allowed:
+            assert response.status_code == 200 and response.json()["requests_carried"] == 1
+        else:
+            assert response.status_code == 409 and "grammar" in response.json()["error"]
+            assert topology(server)["tp"] == 1

@@ -40,6 +40,7 @@ from .cache_state import export_state, import_state, live_slots
 from .model_state import local_params, weights_from_memory
 from .step_boundary import (
     adopt_requests,
+    check_joinable,
     checkpoint_requests,
     clear_requests,
     commit_pp_sends,
@@ -157,6 +158,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         new.check_model(rt.decoder.shape)
         if was_active:  # every old-active rank alike: their replicated state stays equal
             reqs = kv_requests(sched)
+            if any(not old.is_active(r) for r in new.active_ranks):
+                check_joinable(sched, reqs)
             chunked = any(r is sched.chunked_req for r in reqs)
             evicted = make_room(sched, reqs, new_size)
             checkpoint_requests(sched, reqs)
@@ -380,6 +383,15 @@ def _refresh_scheduler(sched: Any) -> None:
                         ("pp_size", par.pp_size), ("tp_world_size", par.tp_size)):
         if hasattr(tree, attr):
             setattr(tree, attr, value)
+    grammar = getattr(sched, "grammar_manager", None)
+    if grammar is not None:  # kept (its queue and compiled grammars); its groups are new
+        grammar.grammar_sync_group = sched.dp_tp_cpu_group
+        grammar.grammar_sync_size = sched.dp_tp_group.world_size
+        grammar.grammar_sync_entry = sched.dp_tp_group.first_rank
+        grammar.is_grammar_sync_entry = sched.dp_tp_group.is_first_rank
+        grammar.pp_rank, grammar.pp_size = par.pp_rank, par.pp_size
+        grammar.pp_group = sched.pp_group
+        grammar.grammar_pp_sync_work_list = []
     sched.init_overlap()
     sched.init_weight_updater()
     sched.init_profiler()

@@ -43,7 +43,13 @@ from .reshape import (
     rebind_threads,
     wait_for_order,
 )
-from .step_boundary import checkpoint_requests, kv_requests, pp_hold_steps, settle_overlap
+from .step_boundary import (
+    CarryRefused,
+    checkpoint_requests,
+    kv_requests,
+    pp_hold_steps,
+    settle_overlap,
+)
 
 logger = logging.getLogger("sglang.srt.remp")
 CTRL_TIMEOUT_S = float(os.environ.get("REMP_CTRL_TIMEOUT_S", "120"))
@@ -289,7 +295,8 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
         rt.state = "serving"
         logger.warning("remp: reshape aborted, old layout kept: %s", error)
         out = RempReshapeReqOutput(error=f"reshape aborted, old layout kept: {error}",
-                                   status=409 if _caused_by(error, CapacityError) else 500)
+                                   status=409 if _caused_by(error, CapacityError)
+                                   or _caused_by(error, CarryRefused) else 500)
         changed = False
     if recv_req is not None and rt.launch_rank == 0:
         scheduler.send_control_output(out, recv_req)

@@ -39,6 +39,10 @@ from remp_sglang.engine import CapacityError
 logger = logging.getLogger("sglang.srt.remp")
 
 
+class CarryRefused(RuntimeError):
+    """A request in flight that this reshape cannot carry (answered with 409)."""
+
+
 @dataclass
 class RequestRecord:
     """A queued request as plain data: what a joining rank needs to rebuild it."""
@@ -188,6 +192,23 @@ def clear_requests(scheduler: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- joiners
+
+
+def _constrained(req: Any) -> bool:
+    params = req.sampling_params
+    return any(getattr(params, name, None) for name in ("json_schema", "regex", "ebnf"))
+
+
+def check_joinable(scheduler: Any, reqs: list[Any]) -> None:
+    """Before ranks join: a constrained-decoding request that has generated tokens would
+    reach them with a fresh grammar state (its matcher is not replayed), and the ranks
+    would sample differently. Refused (nothing moves) until the matcher is carried."""
+    for req in list(reqs) + _queued(scheduler):
+        if _constrained(req) and len(req.output_ids) > 0:
+            raise CarryRefused(
+                f"request {req.rid} is generating under a grammar (json_schema/regex/ebnf); "
+                "its state cannot move to joining ranks yet: retry once it has finished")
+
 
 
 def _queued(scheduler: Any) -> list[Any]:
