@@ -213,7 +213,8 @@ def test_pp_bursts_with_pause_continue_and_aborts_after_reshapes(busy):
     count) and the server died. Cause: SGLang's pause_generation(retract) under PP acts
     while a later stage still has the current micro-batch's result in flight, so the
     stages' retracted requests differ by a token (stock PP servers hit it too, by
-    timing). The plugin runs that retract at the reshape's quiescent point instead."""
+    timing). The plugin runs that retract at the reshape's quiescent point instead.
+    Before the fix this crashed the server within five rounds here."""
     import threading
 
     server, _ = busy
@@ -222,11 +223,13 @@ def test_pp_bursts_with_pause_continue_and_aborts_after_reshapes(busy):
     shapes = [(5 + 23 * i % 190, 5 + 11 * i % 50) for i in range(10)]
     prompts = [ids(p, 700 + i) for i, (p, _) in enumerate(shapes)]
     want = [server.generate_ids(p, n) for p, (_, n) in zip(prompts, shapes, strict=True)]
-    for round_, (frm, to) in enumerate((((2, 1), (1, 2)), ((1, 1), (1, 2)),
-                                        ((1, 2), (2, 1)), ((2, 1), (1, 2)),
-                                        ((1, 2), (1, 2)), ((1, 2), (1, 2)))):
-        if (topology(server)["tp"], topology(server)["pp"]) != frm:
-            reshape(server, *frm)
+    # Into PP 2 from TP 2 or TP 1 (idle), then a burst; some rounds leave PP mid-burst.
+    rounds = [((2, 1), None), ((1, 1), None), ((2, 1), (2, 1)), ((1, 1), None),
+              ((2, 1), None), ((1, 1), (1, 1)), ((2, 1), None), ((2, 1), None)]
+    for round_, (entry, leave) in enumerate(rounds):
+        reshape(server, *entry)
+        server.flush_cache()
+        reshape(server, 1, 2)
         results: dict[int, dict] = {}
 
         def send(i: int, results: dict = results, round_: int = round_) -> None:
@@ -235,19 +238,20 @@ def test_pp_bursts_with_pause_continue_and_aborts_after_reshapes(busy):
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
         for i, t in enumerate(threads):
             t.start()
-            if i == 3 and to != frm:
-                reshape(server, *to)  # requests in flight on both sides of the switch
+            if i == 3 and leave:
+                reshape(server, *leave)  # requests in flight on both sides of the switch
             if i == 5:
                 server.post("/pause_generation", {"mode": "in_place"}, timeout=60)
                 time.sleep(0.2)
                 server.post("/continue_generation", {}, timeout=60)
-            if i == 7:
+            if i == 6:
                 server.post("/abort_request", {"rid": f"b{round_}-2"}, timeout=60)
+            if i == 7:
                 server.post("/pause_generation", {"mode": "retract"}, timeout=60)
                 server.post("/continue_generation", {}, timeout=60)
         for t in threads:
             t.join(600)
-        assert server.is_alive()
+        assert server.is_alive(), f"round {round_}"
         for i, result in results.items():
             if i == 2 and result["body"].get("meta_info", {}).get(
                     "finish_reason", {}).get("type") == "abort":

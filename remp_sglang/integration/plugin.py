@@ -543,6 +543,7 @@ def _enable_subprocess(config: RempConfig) -> None:
             ("Scheduler._create_generation_req", after_create_generation_req,
              HookType.AFTER),
             ("Scheduler.pause_generation", hooks.around_pause_generation, HookType.AROUND),
+            ("Scheduler.on_idle", hooks.around_on_idle, HookType.AROUND),
             ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)

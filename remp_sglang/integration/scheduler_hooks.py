@@ -185,7 +185,7 @@ def _process_groups() -> int:
 
 
 def handle_reshape(scheduler: Any, request: Any) -> Any:
-    """Every active rank records the order; it runs at the next idle point."""
+    """Every active rank records the order; it runs at the next step boundary."""
     from .messages import RempReshapeReqOutput
 
     rt = runtime(scheduler)
@@ -208,8 +208,8 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
         return original(scheduler, running_batch, last_batch)
     if rt.settled_last is not None:  # a batch settled for a reshape that did not happen
         last_batch, rt.settled_last = rt.settled_last, None
-    if rt.pending is None and rt.topology.pp > 1 and (rt.pp_retract or scheduler._engine_paused):
-        return _pp_paused(scheduler, rt, running_batch)
+    if rt.pending is None and rt.topology.pp > 1 and rt.pp_retract:
+        return _pp_retract(scheduler, rt, running_batch)
     if rt.pending is None:
         return original(scheduler, running_batch, last_batch)
     if rt.topology.pp > 1 and rt.hold < pp_hold_steps(scheduler):
@@ -228,7 +228,7 @@ def around_pause_generation(original: Any, scheduler: Any, recv_req: Any) -> Any
     stages still hold different results in flight (a later stage processes a result one
     loop iteration after the first): the stages' requests then differ by a token and the
     next prefill desynchronises them. Here the retract waits for the same quiescent
-    point as a reshape (`_pp_paused`), on every stage alike."""
+    point as a reshape (`_pp_retract`), on every stage alike."""
     rt = runtime(scheduler)
     if rt is None or rt.topology.pp == 1 or recv_req.mode != "retract":
         return original(scheduler, recv_req)
@@ -239,20 +239,29 @@ def around_pause_generation(original: Any, scheduler: Any, recv_req: Any) -> Any
     return None
 
 
-def _pp_paused(scheduler: Any, rt: RempRuntime, running_batch: Any) -> Any:
-    """PP while generation is paused: schedule nothing (as SGLang's other loops do); a
-    pending retract runs once every launched micro-batch is processed on every stage,
-    keeping the requests' KV in the tree (no recompute when they resume)."""
+def _pp_retract(scheduler: Any, rt: RempRuntime, running_batch: Any) -> Any:
+    """PP: a pending retract runs once every launched micro-batch is processed on every
+    stage, keeping the requests' KV in the tree (no recompute when they resume). As in
+    SGLang's PP loop, the pause flag itself does not stop scheduling."""
     from sglang.srt.managers.schedule_batch import NextBatchPlan
 
-    if rt.pp_retract:
-        if rt.hold < pp_hold_steps(scheduler):
-            rt.hold += 1
-        else:
-            checkpoint_requests(scheduler, kv_requests(scheduler))
-            rt.pp_retract, rt.hold = False, 0
-            running_batch = scheduler.running_batch
+    if rt.hold < pp_hold_steps(scheduler):
+        rt.hold += 1
+    else:
+        checkpoint_requests(scheduler, kv_requests(scheduler))
+        rt.pp_retract, rt.hold = False, 0
+        running_batch = scheduler.running_batch
     return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
+
+
+def around_on_idle(original: Any, scheduler: Any) -> Any:
+    """While a reshape or a PP retract holds scheduling, the scheduler is not idle: a
+    prefill batch processed during the hold is merged into the running batch only at the
+    next real scheduling step, and SGLang's idle checks would count its rows as leaked."""
+    rt = runtime(scheduler)
+    if rt is not None and (rt.pending is not None or rt.pp_retract):
+        return None
+    return original(scheduler)
 
 
 def around_paused_state(original: Any, scheduler: Any) -> Any:
@@ -270,7 +279,8 @@ def _step_boundary(scheduler: Any, rt: RempRuntime) -> None:
     scheduling step through `rt.settled_last` instead (it still merges into the running
     batch there)."""
     order, request = rt.pending
-    rt.pending, rt.hold = None, 0
+    # The boundary checkpoints every request, which also serves a pending PP retract.
+    rt.pending, rt.hold, rt.pp_retract = None, 0, False
     settled = settle_overlap(scheduler)
     if _run(scheduler, rt, order, request, t_order=rt.order_at):
         raise RempLoopRestart
