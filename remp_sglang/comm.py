@@ -2,15 +2,25 @@
 
 The group spans every launched rank (parked ones too) and must outlive the serving
 world, which SGLang destroys and re-creates on a reshape; so it is a plain torch
-ProcessGroup used through its low-level send/recv/allreduce (no registration in
-torch.distributed's default-group machinery needed). Every wait is bounded.
+ProcessGroup used through its low-level send/recv (no registration in
+torch.distributed's default-group machinery needed).
+
+Agreement does not use the group: each rank writes a vote into the store, rank zero
+alone decides (commit or abort) and writes the decision, every rank follows it. A
+decision is one key written once, so no rank commits while another aborts. Waits are
+bounded by the reshape's deadline; while a reshape runs every rank's heartbeat thread
+bumps a counter in the store, and a peer whose counter stops moving for `stall_s` is
+declared lost (a slow peer that still beats is waited for, up to the deadline).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,11 +31,51 @@ class MigrationError(RuntimeError):
 
 
 @dataclass
+class Heartbeat:
+    """A thread that bumps `hb/<rank>` in the store while a reshape runs."""
+
+    store: Any
+    rank: int
+    interval_s: float
+    paused: bool = False  # fault injection: a frozen rank stops beating
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="remp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        key = f"hb/{self.rank}"
+        while not self._stop.wait(self.interval_s):
+            if not self.paused:
+                self.store.add(key, 1)
+
+
+@dataclass
 class Communicator:
     pg: dist.ProcessGroup
-    timeout_s: float = 60.0
-    store: dist.Store | None = None  # held so the rendezvous outlives no group using it
+    timeout_s: float = 60.0  # bound of any wait when no reshape deadline is set
+    store: Any = None  # votes, decisions and heartbeats; outlives every group
+    stall_s: float = 30.0  # a peer whose heartbeat does not move this long is lost
+    deadline: float | None = None  # wall clock (time.time()) bound of the current reshape
     _tag: int = field(default=1000, repr=False)
+    _round: int = field(default=0, repr=False)
+    _heartbeat: Heartbeat | None = field(default=None, repr=False)
+    _seen: dict[int, tuple[int, float]] = field(default_factory=dict, repr=False)
+    _epoch: int = field(default=0, repr=False)
+    dirty: bool = False  # a wait was given up on: renew the group before the next use
+    _generation: int = field(default=0, repr=False)
+    _retired: list = field(default_factory=list, repr=False)
 
     @property
     def rank(self) -> int:
@@ -40,12 +90,77 @@ class Communicator:
         cls, host: str, port: int, rank: int, world_size: int, timeout_s: float = 60.0,
         prefix: str = "remp",
     ) -> Communicator:
-        """A gloo group over a fresh TCP store (rank 0 hosts it)."""
+        """A gloo group over a fresh TCP store (rank 0 hosts it; tests and benchmarks)."""
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
-        pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, timeout)
-        return cls(pg, timeout_s, store)
+        return cls(_gloo_group(store, prefix, rank, world_size, timeout_s), timeout_s, store)
 
+    @classmethod
+    def private(cls, path: str, rank: int, world_size: int, timeout_s: float,
+                stall_s: float) -> Communicator:
+        """A gloo group over a FileStore at `path` (in a directory only this user can
+        open) whose pairs listen on loopback only: the plane opens no port that
+        anything outside the server's own processes could use."""
+        store = dist.FileStore(path, -1)
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        pg = _gloo_group(store, "remp", rank, world_size, timeout_s)
+        return cls(pg, timeout_s, store, stall_s)
+
+    # ---------------------------------------------------------------------- a reshape
+    def begin(self, epoch: int, deadline: float) -> None:
+        """Start a reshape: bound every wait by `deadline`, beat, align tags and rounds.
+
+        Tags and rounds restart from the epoch, so a rank that left an aborted reshape
+        early is in step with its peers again, and no late message of that reshape can
+        match one of this."""
+        self.deadline = deadline
+        self._tag, self._round, self._epoch = epoch << 16, 0, epoch
+        if self.dirty:
+            self.renew()
+        now = time.monotonic()
+        self._seen = {r: (-1, now) for r in range(self.world_size)}
+        if self.store is not None:
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(self.store, self.rank, min(0.25, self.stall_s / 8))
+            self._heartbeat.paused = False
+            self._heartbeat.start()
+
+    def end(self) -> None:
+        self.deadline = None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def freeze(self, seconds: float) -> None:
+        """Fault injection: behave like a rank that stopped answering for `seconds`."""
+        if self._heartbeat is not None:
+            self._heartbeat.paused = True
+        time.sleep(seconds)
+        if self._heartbeat is not None:
+            self._heartbeat.paused = False
+
+    def stalled_peers(self) -> list[int]:
+        """Peers whose heartbeat has not moved for `stall_s` (none without heartbeats)."""
+        if self._heartbeat is None or self._heartbeat._thread is None:
+            return []
+        now, out = time.monotonic(), []
+        values = self.store.multi_get([f"hb/{r}" for r in range(self.world_size)]) \
+            if all(self.store.check([f"hb/{r}"]) for r in range(self.world_size)) else None
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            value = int(values[r]) if values is not None else -1
+            last, since = self._seen.get(r, (-1, now))
+            if value != last:
+                self._seen[r] = (value, now)
+            elif now - since > self.stall_s:
+                out.append(r)
+        return out
+
+    def _bound(self) -> float:
+        """Wall-clock time by which the current wait must end."""
+        return self.deadline if self.deadline is not None else time.time() + self.timeout_s
+
+    # ---------------------------------------------------------------------- transfers
     def barrier(self) -> None:
         """Bounded barrier: returns once every rank got here, raises after the timeout."""
         work = self.pg.allreduce([torch.zeros(1)])
@@ -54,6 +169,7 @@ class Communicator:
     def close(self) -> None:
         """Orderly end: every rank stops its group's threads, and the rank hosting the
         store leaves last (gloo aborts a process whose peer's store vanished under it)."""
+        self.end()
         try:
             self.barrier()
         except RuntimeError:  # a failed transfer may have closed the pairs already
@@ -91,22 +207,141 @@ class Communicator:
                     works.append(self.pg.recv([tensor], peer, tag))
         return works
 
-    def wait(self, works: list, deadline: float) -> None:
-        for work in works:
-            left = max(0.001, deadline - time.monotonic())
-            work.wait(datetime.timedelta(seconds=left))
+    def wait(self, works: list, deadline: float | None = None) -> None:
+        """Wait for `works`, giving up when the reshape's deadline passes, a peer stops
+        beating, or rank zero has already decided to abort the step that follows.
 
-    def agree(self, error: BaseException | None, step: str) -> None:
+        gloo can neither poll nor withdraw a posted send/recv, and a timed-out wait
+        closes every pair of the group; so a helper thread waits and this one watches.
+        A wait given up on leaves its thread blocked with the buffers it holds (the
+        server drops its staging area after a failed reshape) and marks the group
+        dirty: every rank builds a fresh one before the next reshape (`renew`)."""
+        if not works:
+            return
+        bound = self._bound() if deadline is None else min(self._bound(), _wall(deadline))
+        done, errors = threading.Event(), []
+
+        def run() -> None:
+            try:
+                for work in works:
+                    work.wait()
+            except Exception as exc:  # reported below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="remp-wait", daemon=True).start()
+        while not done.wait(0.05):
+            try:
+                self._raise_if_hopeless(bound)
+            except MigrationError:
+                self.dirty = True
+                raise
+        if errors:
+            self.dirty = True
+            raise errors[0]
+
+    def renew(self) -> None:
+        """A fresh group over the same store (every rank calls it at the same point);
+        the old one is shut down but kept referenced, as threads may still wait in it."""
+        old = self.pg
+        self._generation += 1
+        self.pg = _gloo_group(self.store, f"remp-{self._generation}", self.rank,
+                              self.world_size, self.timeout_s)
+        try:
+            old.shutdown()
+        except Exception:  # a broken group may refuse; it is dropped all the same
+            pass
+        self._retired.append(old)
+        self.dirty = False
+
+    def _raise_if_hopeless(self, bound: float) -> None:
+        if time.time() > bound:
+            raise MigrationError("transfer exceeded the reshape's deadline")
+        stalled = self.stalled_peers()
+        if stalled:
+            raise MigrationError(f"rank(s) {stalled} stopped answering during a transfer")
+        if self.store is None:
+            return
+        key = self._key(self._round + 1)
+        if self.store.check([f"{key}/decision"]):
+            raise MigrationError("rank 0 aborted this step while it was in flight")
+        if self.rank == 0:  # the decider: a peer that already failed the step ends it
+            for r in range(1, self.world_size):
+                if self.store.check([f"{key}/vote/{r}"]) and \
+                        not json.loads(self.store.get(f"{key}/vote/{r}"))["ok"]:
+                    raise MigrationError(f"rank {r} failed this step")
+
+    # ---------------------------------------------------------------------- agreement
+    def _key(self, round_: int) -> str:
+        return f"agree/{self._epoch}/{round_}"
+
+    def agree(self, error: BaseException | None, step: str, info: Any = None,
+              patient: bool = False) -> list[Any]:
         """All ranks learn whether any rank failed `step`; every rank raises if one did.
 
-        A rank that cannot reach agreement within the timeout raises too, so no rank
-        commits unless all reached this point without an error.
+        Returns every rank's `info` (plain JSON data) on success. Rank zero decides;
+        it aborts on the first failed vote, on a peer that stopped beating (unless
+        `patient`: a rollback waits for every rank until the deadline), or at the
+        deadline. Without a store (bare groups) the old collective agreement is used.
         """
+        if self.store is None:
+            return self._agree_collective(error, step, info)
+        self._round += 1
+        key = self._key(self._round)
+        vote = {"ok": error is None, "why": "" if error is None else str(error), "info": info}
+        self.store.set(f"{key}/vote/{self.rank}", json.dumps(vote))
+        if self.rank == 0:
+            decision = self._decide(key, step, patient)
+            self.store.set(f"{key}/decision", json.dumps(decision))
+        else:
+            decision = self._await_decision(key, step)
+        if error is not None:
+            raise MigrationError(f"{step} failed on rank {self.rank}: {error}") from error
+        if not decision["ok"]:
+            raise MigrationError(f"{step}: {decision['why']}; nothing was committed")
+        return decision["info"]
+
+    def _decide(self, key: str, step: str, patient: bool) -> dict:
+        votes: dict[int, dict] = {}
+        bound = self._bound()
+        while True:
+            for r in range(self.world_size):
+                if r not in votes and self.store.check([f"{key}/vote/{r}"]):
+                    votes[r] = json.loads(self.store.get(f"{key}/vote/{r}"))
+            failed = {r: v["why"] for r, v in votes.items() if not v["ok"]}
+            if failed:
+                why = "; ".join(f"rank {r}: {w}" for r, w in sorted(failed.items()))
+                return {"ok": False, "why": f"failed on {why}", "info": None}
+            if len(votes) == self.world_size:
+                return {"ok": True, "why": "", "info": [votes[r]["info"]
+                                                        for r in range(self.world_size)]}
+            missing = [r for r in range(self.world_size) if r not in votes]
+            stalled = [] if patient else [r for r in self.stalled_peers() if r in missing]
+            if stalled:
+                return {"ok": False, "why": f"rank(s) {stalled} stopped answering",
+                        "info": None}
+            if time.time() > bound:
+                return {"ok": False, "why": f"timed out waiting for rank(s) {missing}",
+                        "info": None}
+            time.sleep(0.002)
+
+    def _await_decision(self, key: str, step: str) -> dict:
+        """Follow rank zero, however long it takes within the reshape and its rollback:
+        a rank that decided on its own could commit while the others abort (rank zero
+        is the server's head; if it is gone, so is the server)."""
+        give_up = self._bound() + self.timeout_s
+        while not self.store.check([f"{key}/decision"]):
+            if time.time() > give_up:
+                raise MigrationError(f"{step}: no decision from rank 0")
+            time.sleep(0.002)
+        return json.loads(self.store.get(f"{key}/decision"))
+
+    def _agree_collective(self, error: BaseException | None, step: str, info: Any) -> list:
         flags = torch.zeros(self.world_size, dtype=torch.int32)
         flags[self.rank] = 0 if error is None else 1
         mine = f" (rank {self.rank}: {error})" if error is not None else ""
         try:
-            # Peers of a failed rank may sit in a transfer wait for up to timeout_s first.
             work = self.pg.allreduce([flags])
             work.wait(datetime.timedelta(seconds=2 * self.timeout_s))
         except Exception as exc:
@@ -118,3 +353,17 @@ class Communicator:
             raise MigrationError(f"{step} failed on rank {self.rank}: {error}") from error
         if failed:
             raise MigrationError(f"{step} failed on rank(s) {failed}; nothing was committed")
+        return [info] * self.world_size
+
+
+def _wall(monotonic_deadline: float) -> float:
+    return time.time() + (monotonic_deadline - time.monotonic())
+
+
+def _gloo_group(store: Any, prefix: str, rank: int, world_size: int,
+                timeout_s: float) -> dist.ProcessGroup:
+    """A gloo group whose pairs listen on loopback only (one node)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, world_size, opts)

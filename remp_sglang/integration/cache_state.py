@@ -16,7 +16,10 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import torch
+
+from .step_boundary import RequestRecord
 
 TREE_CORE_ENV = "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND"
 
@@ -37,7 +40,7 @@ class CacheState:
     free_pages: list[int]
     release_pages: list[int]
     free_request_slots: list[int]
-    requests: list[Any] = field(default_factory=list)  # step_boundary.RequestRecord, queued
+    requests: list[RequestRecord] = field(default_factory=list)  # queued, in order
     engine_paused: bool = False  # SGLang's pause_generation flag, for joining ranks
 
     @property
@@ -59,6 +62,27 @@ class CacheState:
         used = set(moved.slots)
         moved.free_pages = [s for s in range(1, new_size + 1) if s not in used]
         return moved
+
+
+def encode_state(state: CacheState) -> bytes:
+    """Plain JSON (request inputs as base64): nothing a reader could be made to run."""
+    return msgspec.json.encode(state)
+
+
+def decode_state(data: bytes, pool_size: int) -> CacheState:
+    """The state rank zero exported, type-checked field by field and bounds-checked
+    against the pool it describes; ValueError otherwise."""
+    try:
+        state = msgspec.json.decode(data, type=CacheState)
+    except msgspec.ValidationError as error:
+        raise ValueError(f"malformed cache state: {error}") from error
+    for name, slots in (("free_pages", state.free_pages), ("release_pages", state.release_pages),
+                        ("slots", state.slots)):
+        if slots and (min(slots) < 0 or max(slots) > pool_size):
+            raise ValueError(f"cache state: {name} outside the pool's {pool_size} slots")
+    if any(len(p.tokens) != len(p.slots) for p in state.paths):
+        raise ValueError("cache state: a path's tokens and slots differ in length")
+    return state
 
 
 def live_slots(scheduler: Any) -> torch.Tensor:

@@ -11,9 +11,12 @@ the Engine spawns its schedulers. `reshape` runs the same code as `POST /remp/re
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
-from remp_sglang.integration.plugin import activate, run_reshape
+from remp_sglang.integration.config import check_launch_options
+from remp_sglang.integration.plugin import activate
+from remp_sglang.integration.routes import run_reshape
 
 
 def launch_engine(
@@ -24,6 +27,7 @@ def launch_engine(
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
+    check_launch_options(SimpleNamespace(**kwargs))
     activate(
         launch_tp=int(kwargs.get("tp_size", 1)), launch_pp=int(kwargs.get("pp_size", 1)),
         initial_tp=remp_initial_tp, initial_pp=remp_initial_pp,

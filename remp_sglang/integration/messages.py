@@ -54,11 +54,15 @@ def register_message_types() -> None:
 
 
 class RempReshapeReqInput(BaseReq, kw_only=True):
-    """Switch the live layout to (tp, pp); the new world rendezvouses on dist_port."""
+    """Switch the live layout to (tp, pp); the new world rendezvouses on dist_port (the
+    old one on rollback_port if it must be rebuilt); every rank gives up by deadline."""
 
     tp: int = 0
     pp: int = 0
     dist_port: int = 0
+    rollback_port: int = 0
+    deadline: float = 0.0  # wall clock
+    nonce: str = ""  # the reply carries it back: only its own caller takes it
 
 
 class RempReshapeReqOutput(BaseReq, kw_only=True):
@@ -67,6 +71,7 @@ class RempReshapeReqOutput(BaseReq, kw_only=True):
     report_json: str = "{}"
     error: str | None = None
     status: int = 200
+    nonce: str = ""
 
 
 MESSAGE_TYPES = MESSAGE_TYPES + (RempReshapeReqInput, RempReshapeReqOutput)

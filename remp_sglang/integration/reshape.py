@@ -23,12 +23,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import pickle
 import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+import msgspec
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError
@@ -36,7 +36,15 @@ from remp_sglang.engine import KVPool, migrate_kv, reshard_weights
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
 
-from .cache_state import export_state, import_state, live_slots
+from .cache_state import (
+    CacheState,
+    decode_state,
+    encode_state,
+    export_state,
+    import_state,
+    live_slots,
+)
+from .faults import fault_point
 from .model_state import local_params, weights_from_memory
 from .step_boundary import (
     adopt_requests,
@@ -64,7 +72,19 @@ class ReshapeOrder:
     epoch: int
     tp: int
     pp: int
-    dist_port: int
+    dist_port: int  # the new world's rendezvous
+    rollback_port: int  # the old world's, if it must be rebuilt
+    deadline: float  # wall clock: every rank gives up (and rolls back) by then
+
+    def validate(self, world_size: int, epoch: int) -> None:
+        """Checked on receipt by every rank (parked ones read it from the store)."""
+        if self.epoch != epoch:
+            raise ValueError(f"order for epoch {self.epoch}, expected {epoch}")
+        if not (1 <= self.tp and 1 <= self.pp and self.tp * self.pp <= world_size):
+            raise ValueError(f"order tp={self.tp} pp={self.pp} does not fit {world_size} ranks")
+        for port in (self.dist_port, self.rollback_port):
+            if not 0 < port < 65536:
+                raise ValueError(f"order port {port} out of range")
 
 
 @dataclass
@@ -80,9 +100,11 @@ class RempRuntime:
     kv_budget_bytes: int  # per-rank KV bytes SGLang gave the pool at launch
     token_cap: int | None  # --max-total-tokens, if set
     dtype: torch.dtype  # parameters (identical on every rank, captured at start-up)
-    kv_dtype: torch.dtype
+    kv_dtype: torch.dtype  # the pool's logical dtype (what attention reads)
+    kv_store_dtype: torch.dtype  # its buffers' dtype (fp8 pools store uint8): bytes moved
     launch_overlap: bool  # the overlap scheduler as launched (PP layouts turn it off)
     launch_cpus: list[set[int]]  # cores of each launch rank
+    reshape_timeout_s: float  # bound of a reshape, and again of its rollback
     epoch: int = 0
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
@@ -95,7 +117,7 @@ class RempRuntime:
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo`: what the launch's per-rank KV memory holds at that layout
         (TP down means more heads per slot, so fewer slots), capped by --max-total-tokens."""
-        shape = kv_shape_of(self.decoder.shape, self.kv_dtype)
+        shape = kv_shape_of(self.decoder.shape, self.kv_store_dtype)
         slots = self.kv_budget_bytes // kv_cell_bytes(shape, topo)
         return min(slots, self.token_cap) if self.token_cap else slots
 
@@ -116,41 +138,86 @@ def order_key(epoch: int) -> str:
     return f"remp/order/{epoch}"
 
 
+def state_key(epoch: int) -> str:
+    return f"remp/state/{epoch}"
+
+
 def publish_order(rt: RempRuntime, order: ReshapeOrder) -> None:
     """Rank zero makes the order visible to parked ranks (they poll the store)."""
-    rt.store.set(order_key(order.epoch), pickle.dumps(order))
+    rt.store.set(order_key(order.epoch), msgspec.json.encode(order))
 
 
 def wait_for_order(rt: RempRuntime) -> ReshapeOrder:
-    """Park: hold nothing, join no collective, poll for the next order; exit with the parent."""
+    """Park: hold nothing, join no collective, poll for the next order; exit with the
+    parent. The order is plain JSON, type- and range-checked before anything acts on it."""
     key, parent = order_key(rt.epoch + 1), os.getppid()
-    while not rt.store.check([key]):
-        if os.getppid() != parent:
-            raise SystemExit("remp: parent process gone while parked")
-        time.sleep(PARK_POLL_S)
-    return pickle.loads(rt.store.get(key))
+    while True:
+        while not rt.store.check([key]):
+            if os.getppid() != parent:
+                raise SystemExit("remp: parent process gone while parked")
+            time.sleep(PARK_POLL_S)
+        try:
+            order = msgspec.json.decode(rt.store.get(key), type=ReshapeOrder)
+            order.validate(rt.topology.world_size, rt.epoch + 1)
+            return order
+        except (msgspec.DecodeError, ValueError) as error:
+            logger.error("remp: ignored a malformed order under %s: %s", key, error)
+            rt.store.delete_key(key)
 
 
 # ---------------------------------------------------------------------------------------
+class ReshapeFailed(MigrationError):
+    """A reshape that failed at `step`; `rolled_back`: the old world was rebuilt after
+    teardown (the old layout serves either way)."""
+
+    def __init__(self, step: str, cause: BaseException, rolled_back: bool) -> None:
+        verb = "rolled back to the old layout" if rolled_back else "old layout kept"
+        super().__init__(f"reshape failed at step {step!r}, {verb}: {cause}")
+        self.step, self.rolled_back = step, rolled_back
+        self.__cause__ = cause
+
+
 def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             t_boundary: float | None = None) -> dict:
     """Run one reshape on this rank; returns rank zero's report (partial elsewhere).
 
     `t_boundary`: when this rank finished its last step on the old layout (downtime
     runs from there to the end of this function, after which the new layout steps).
+    Raises `ReshapeFailed` on every rank alike when any rank fails any step; the old
+    layout then serves with its cache and requests.
     """
+    rt.ctrl.begin(order.epoch, order.deadline)
+    rt.state = "reshaping"
+    if rt.launch_rank == 0:  # every rank is past the previous reshape's keys
+        for key in (state_key(order.epoch - 1), order_key(order.epoch - 1)):
+            rt.store.delete_key(key)
+    try:
+        return _execute(sched, rt, order, t_boundary)
+    except ReshapeFailed as failed:
+        rt.ctrl.dirty = True  # transfers may have been given up: a fresh group next time
+        rt.staging = None  # ...and a given-up receive may still land in the old area
+        raise failed
+    finally:
+        rt.ctrl.end()
+        rt.epoch, rt.state = order.epoch, "serving"
 
+
+def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
+             t_boundary: float | None) -> dict:
     old = rt.topology
     new = Topology(order.tp, order.pp, old.world_size)
     rank, t0 = rt.launch_rank, time.perf_counter()
     t_boundary = t0 if t_boundary is None else t_boundary
     was_active, now_active = old.is_active(rank), new.is_active(rank)
     times: dict[str, float] = {}
-    rt.state = "reshaping"
     device = torch.device(_device_of(sched))
+    step = "prepare"
+
+    def fault(at: str) -> None:
+        fault_point(rt.ctrl, rank, at)
 
     # 1-3: everything that can fail runs while the old world still serves.
-    state, old_params, old_pool, new_pool_obj = None, {}, None, None
+    old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
     new_size = rt.capacity_for(new)
     error: BaseException | None = None
     carried, evicted, chunked = 0, 0, False
@@ -165,86 +232,107 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             checkpoint_requests(sched, reqs)
             carried = len(reqs)
         if was_active and rank == 0:
-            state = export_state(sched)
-            state.requests = export_requests(sched)
-            state.engine_paused = bool(getattr(sched, "_engine_paused", False))
-            if state.slots != live_slots(sched).tolist():
+            exported = export_state(sched)
+            exported.requests = export_requests(sched)
+            exported.engine_paused = bool(getattr(sched, "_engine_paused", False))
+            if exported.slots != live_slots(sched).tolist():
                 raise MigrationError("KV slots are held outside the radix tree after the "
                                      "running requests were checkpointed")
-            rt.store.set(f"remp/state/{order.epoch}", pickle.dumps(state))
+            rt.store.set(state_key(order.epoch), encode_state(exported))
         if was_active:
             runner = sched.tp_worker.model_runner
             old_params = local_params(runner.model, rt.decoder, old, rank)
-            pool = runner.token_to_kv_pool
-            old_pool = KVPool(list(pool.k_buffer), list(pool.v_buffer))
+            old_pool_obj = runner.token_to_kv_pool
+            old_pool = KVPool(list(old_pool_obj.k_buffer), list(old_pool_obj.v_buffer))
         if now_active:
             new_pool_obj = _new_pool(rt, new, rank, device, new_size)
+        fault(step)
     except Exception as exc:
         error = exc
-    rt.ctrl.agree(error, "reshape preparation")
-    if state is None:
-        state = pickle.loads(rt.store.get(f"remp/state/{order.epoch}"))
-    times["prepare_s"] = time.perf_counter() - t0
+    try:
+        rt.ctrl.agree(error, "reshape preparation")
+        # Every rank rebuilds from rank zero's export (and falls back on it).
+        state = decode_state(rt.store.get(state_key(order.epoch)), rt.pool_size)
+        times["prepare_s"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    weights = reshard_weights(rt.ctrl, old, new, rt.decoder, old_params, dtype=rt.dtype,
-                              device=device, staging_bytes=STAGING_BYTES,
-                              staging=rt.staging_buffer())
-    times["weights_s"] = time.perf_counter() - t
+        step, t = "weights", time.perf_counter()
+        weights = reshard_weights(rt.ctrl, old, new, rt.decoder, old_params, dtype=rt.dtype,
+                                  device=device, staging_bytes=STAGING_BYTES,
+                                  staging=rt.staging_buffer(),
+                                  fault=lambda at, r: fault(step) if at == "gather" else None)
+        times["weights_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_dtype)
-    new_kv = None
-    if new_pool_obj is not None:
-        new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
-    live = torch.tensor(state.slots, dtype=torch.int64)
-    kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
-                    dtype=rt.kv_dtype, device=device, new_pool=new_kv, staging_bytes=STAGING_BYTES,
-                    staging=rt.staging_buffer())
-    times["kv_s"] = time.perf_counter() - t
-    del old_params, old_pool
+        step, t = "kv", time.perf_counter()
+        kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
+        new_kv = None
+        if new_pool_obj is not None:
+            new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
+        live = torch.tensor(state.slots, dtype=torch.int64)
+        kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
+                        dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
+                        staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(),
+                        fault=lambda at, r: fault(step) if at == "gather" else None)
+        times["kv_s"] = time.perf_counter() - t
+    except MigrationError as exc:
+        raise ReshapeFailed(step, exc, rolled_back=False) from exc
+    del old_pool
+    new_state = state
     if kv.compacted or new_size != rt.pool_size:  # slots moved, or the free list changes
-        state = state.remap(dict(zip(live.tolist(), kv.new_slots.tolist(), strict=True)),
-                            new_size)
+        new_state = state.remap(dict(zip(live.tolist(), kv.new_slots.tolist(), strict=True)),
+                                new_size)
 
-    # 4: point of no return - the old world goes away.
-    t = time.perf_counter()
-    if was_active:
-        _teardown(sched)
-        if not now_active:
-            clear_requests(sched)
-    times["teardown_s"] = time.perf_counter() - t
-    rt.topology, rt.epoch, rt.pool_size = new, order.epoch, new_size
-    if now_active:
-        t = time.perf_counter()
-        _init_world(sched, rank, new, order.dist_port)
-        times["world_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _build_worker(sched, weights.params, new_pool_obj, new_size, order.dist_port)
-        times["model_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        import_state(sched, state, new_size)
-        _refresh_scheduler(sched)
-        if not was_active:  # a joining rank: rank zero's queue, request by request
-            adopt_requests(sched, state.requests)
-            sched._engine_paused = state.engine_paused
-        # Admission depends on this estimate: every rank of the new world starts equal.
-        sched.new_token_ratio_tracker.reset()
-        times["cache_state_s"] = time.perf_counter() - t
-    sums = torch.tensor([kv.stats.bytes_sent, weights.stats.bytes_sent], dtype=torch.float64)
-    del weights  # the model adopted its tensors; the old ones went with _teardown
-    rebind_threads(rt, new)
-    rt.ctrl.pg.allreduce([sums]).wait()
-    rt.ctrl.barrier()
-    if rank == 0:  # every rank has read them: the store keeps no state per reshape
-        for key in (f"remp/state/{order.epoch}", order_key(order.epoch)):
-            rt.store.delete_key(key)
-    rt.state = "serving"
+    # 4-5: the old world goes away and the new one is built. A failure anywhere here is
+    # agreed on, and every rank rebuilds the old world from what it kept: its weights,
+    # its pool (only read so far) and the export (`_rollback`).
+    error = None
+    try:
+        step, t = "teardown", time.perf_counter()
+        fault(step)
+        if was_active:
+            _teardown(sched)
+        times["teardown_s"] = time.perf_counter() - t
+        if now_active:
+            step, t = "world", time.perf_counter()
+            fault(step)
+            _init_world(sched, rank, new, order.dist_port, order.deadline)
+            times["world_s"] = time.perf_counter() - t
+            step, t = "model", time.perf_counter()
+            fault(step)
+            _build_worker(sched, weights.params, new_pool_obj, new_size, order.dist_port)
+            times["model_s"] = time.perf_counter() - t
+            step, t = "cache_import", time.perf_counter()
+            fault(step)
+            import_state(sched, new_state, new_size)
+            _refresh_scheduler(sched)
+            if not was_active:  # a joining rank: rank zero's queue, request by request
+                adopt_requests(sched, state.requests)
+                sched._engine_paused = state.engine_paused
+            # Admission depends on this estimate: every rank of the new world starts equal.
+            sched.new_token_ratio_tracker.reset()
+            times["cache_state_s"] = time.perf_counter() - t
+        step = "rebind"
+        fault(step)
+        rebind_threads(rt, new)
+    except Exception as exc:
+        error = exc
+    sent = [kv.stats.bytes_sent, weights.stats.bytes_sent]
+    try:
+        infos = rt.ctrl.agree(error, f"new layout ({step})", info=sent)
+    except MigrationError as exc:
+        _rollback(sched, rt, old, new, order, state, old_params, old_pool_obj)
+        raise ReshapeFailed(step, exc, rolled_back=True) from exc
+
+    # Committed: what the old layout kept goes.
+    del weights, old_params, old_pool_obj
+    if was_active and not now_active:
+        clear_requests(sched)
+    rt.topology, rt.pool_size = new, new_size
     times["total_s"] = time.perf_counter() - t0
     downtime = time.perf_counter() - t_boundary
     report = {
         "old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
-        "kv_bytes_moved": int(sums[0]), "weight_bytes_moved": int(sums[1]),
+        "kv_bytes_moved": sum(i[0] for i in infos),
+        "weight_bytes_moved": sum(i[1] for i in infos),
         "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": int(live.numel()),
         "kv_capacity_tokens": new_size, "kv_slots_compacted": kv.compacted,
         "max_req_input_len": getattr(sched, "max_req_input_len", None),
@@ -257,9 +345,51 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
     }
-    logger.info("remp: reshape %s -> %s on rank %d: %s", (old.tp, old.pp), (new.tp, new.pp),
-                rank, report["phases"])
+    for phase, seconds in report["phases"].items():
+        logger.info("remp: reshape %d phase %s %.4f s (rank %d)", order.epoch, phase, seconds,
+                    rank)
+    logger.info("remp: reshape %d %s -> %s done on rank %d: downtime %.4f s, moved %d B KV "
+                "and %d B weights", order.epoch, (old.tp, old.pp), (new.tp, new.pp), rank,
+                downtime, report["kv_bytes_moved"], report["weight_bytes_moved"])
     return report
+
+
+def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: ReshapeOrder,
+              state: CacheState, old_params: dict, old_pool_obj: Any) -> None:
+    """Serve the old layout again after a failure past teardown: every rank drops what it
+    built of the new world; old-active ranks rebuild theirs from their kept weights, pool
+    and the export; joining ranks drop the requests they adopted. Waits for every rank
+    (a frozen one too) until the reshape timeout."""
+    rank = rt.launch_rank
+    error: BaseException | None = None
+    try:
+        if new.is_active(rank) or old.is_active(rank):
+            _teardown(sched, quiet=True)
+        if old.is_active(rank):
+            deadline = time.time() + rt.reshape_timeout_s
+            _init_world(sched, rank, old, order.rollback_port, deadline)
+            _build_worker(sched, old_params, old_pool_obj, rt.pool_size, order.rollback_port)
+            import_state(sched, state, rt.pool_size)
+            _refresh_scheduler(sched)
+            sched.new_token_ratio_tracker.reset()
+        elif new.is_active(rank):
+            clear_requests(sched)
+        rebind_threads(rt, old)
+    except Exception as exc:
+        logger.exception("remp: rollback failed on rank %d", rank)
+        error = exc
+    rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
+    rt.ctrl.agree(error, "rollback", patient=True)
+    logger.warning("remp: reshape %d rolled back to tp=%d pp=%d on rank %d", order.epoch,
+                   old.tp, old.pp, rank)
+
+
+def kv_dtypes(pool: Any) -> tuple[torch.dtype, torch.dtype]:
+    """(logical, storage) dtype of SGLang's KV pool: a new pool is made with the logical
+    one (an fp8 pool given its uint8 storage dtype would be read as integers); bytes are
+    moved in the storage one."""
+    store = pool.k_buffer[0].dtype
+    return getattr(pool, "dtype", store), store
 
 
 def kv_shape_of(shape: ModelShape, kv_dtype: torch.dtype) -> ModelShape:
@@ -288,11 +418,13 @@ def _device_of(sched: Any) -> str:
     return "cpu" if sched.server_args.device == "cpu" else f"cuda:{get_device().gpu_id}"
 
 
-def _teardown(sched: Any) -> None:
-    """Drop the old worker and pool, then destroy the SGLang world (groups and default PG)."""
+def _teardown(sched: Any, quiet: bool = False) -> None:
+    """Drop the old worker and pool, then destroy the SGLang world (groups and default PG).
+    `quiet`: a rollback's clean-up of a half-built world (nothing in flight to commit)."""
     from sglang.srt.distributed import parallel_state
 
-    commit_pp_sends(sched)
+    if not quiet:
+        commit_pp_sends(sched)
     sched.token_to_kv_pool_allocator._kvcache = None
     for name in ("tp_worker", "model_worker", "weight_updater", "dp_attn_adapter",
                  "batch_result_processor", "future_map"):
@@ -306,7 +438,9 @@ def _teardown(sched: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _init_world(sched: Any, rank: int, topo: Topology, port: int) -> None:
+def _init_world(sched: Any, rank: int, topo: Topology, port: int, deadline: float) -> None:
+    """SGLang's world for `topo` on `port`; its rendezvous (and the new groups'
+    collectives) are bounded by what is left of the reshape's time."""
     from sglang.srt.distributed import bootstrap
     from sglang.srt.runtime_context import derive_spawn_ranks, get_context, get_parallel
 
@@ -326,8 +460,9 @@ def _init_world(sched: Any, rank: int, topo: Topology, port: int) -> None:
     )
     sched.enable_overlap = overlap
     sched.nccl_port = port
-    bootstrap.init_parallel_runtime(server_args=sched.server_args, device=sched.server_args.device,
-                                    dist_port=port)
+    with get_parallel().override(dist_timeout=max(1, int(deadline - time.time()))):
+        bootstrap.init_parallel_runtime(server_args=sched.server_args,
+                                        device=sched.server_args.device, dist_port=port)
     bootstrap.init_layer_runtime(model_config=sched.model_config)
 
 

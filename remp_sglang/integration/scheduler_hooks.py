@@ -29,14 +29,16 @@ from remp_sglang.engine import CapacityError
 from remp_sglang.topology import Topology
 
 from .cache_state import kv_digest
+from .config import config_from_env
 from .model_state import decoder_of
-from .plugin import config_from_env
 from .reshape import (
     RempLoopRestart,
     RempRuntime,
+    ReshapeFailed,
     ReshapeOrder,
     execute,
     kv_cell_bytes,
+    kv_dtypes,
     kv_shape_of,
     launch_cpus,
     publish_order,
@@ -52,7 +54,6 @@ from .step_boundary import (
 )
 
 logger = logging.getLogger("sglang.srt.remp")
-CTRL_TIMEOUT_S = float(os.environ.get("REMP_CTRL_TIMEOUT_S", "120"))
 
 
 def runtime(scheduler: Any) -> RempRuntime | None:
@@ -66,7 +67,10 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     par = get_parallel()
     rank = par.tp_size * par.pp_rank + par.tp_rank
     world = config.launch_world_size
-    ctrl = Communicator.gloo("127.0.0.1", config.ctrl_port, rank, world, CTRL_TIMEOUT_S)
+    # Every wait of the plane is bounded by the reshape timeout (and a rollback by as
+    # much again); heartbeats end waits for a lost peer sooner.
+    ctrl = Communicator.private(config.plane_path, rank, world, config.reshape_timeout_s,
+                                config.stall_timeout_s)
     pool = scheduler.tp_worker.model_runner.token_to_kv_pool
     dtype = next(scheduler.tp_worker.model_runner.model.parameters()).dtype
     try:
@@ -80,11 +84,11 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         decoder = None
         logger.warning("remp: reshapes disabled for this model: %s", error)
     launch = Topology(config.launch_tp, config.launch_pp, world)
-    kv_dtype = pool.k_buffer[0].dtype
+    kv_dtype, kv_store_dtype = kv_dtypes(pool)
     budget = 0
     if decoder is not None:
         budget = int(scheduler.max_total_num_tokens) * kv_cell_bytes(
-            kv_shape_of(decoder.shape, kv_dtype), launch)
+            kv_shape_of(decoder.shape, kv_store_dtype), launch)
     scheduler._remp = RempRuntime(
         launch_rank=rank,
         topology=launch,
@@ -96,8 +100,10 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         token_cap=scheduler.server_args.max_total_tokens,
         dtype=dtype,
         kv_dtype=kv_dtype,
+        kv_store_dtype=kv_store_dtype,
         launch_overlap=bool(scheduler.enable_overlap),
         launch_cpus=launch_cpus(world),
+        reshape_timeout_s=config.reshape_timeout_s,
     )
     return None
 
@@ -108,8 +114,10 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
         return original(scheduler)
     config = config_from_env()
     tp, pp = config.initial_layout
-    if (tp, pp) != (rt.topology.tp, rt.topology.pp):
-        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, config.initial_dist_port))
+    if (tp, pp) != (rt.topology.tp, rt.topology.pp):  # start-up: a failure here is fatal
+        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, config.initial_dist_port,
+                                            config.initial_dist_port,
+                                            time.time() + config.reshape_timeout_s))
     rebind_threads(rt, rt.topology)
     while True:
         if not rt.topology.is_active(rt.launch_rank):
@@ -191,10 +199,16 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     rt = runtime(scheduler)
     if rt.decoder is None:
         return RempReshapeReqOutput(error="reshapes are disabled for this model (see log)",
-                                    status=400)
+                                    status=400, nonce=request.nonce)
     if rt.pending is not None:
-        return RempReshapeReqOutput(error="a reshape is already pending", status=409)
-    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.dist_port)
+        return RempReshapeReqOutput(error="a reshape is already pending", status=409,
+                                    nonce=request.nonce)
+    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.dist_port,
+                         request.rollback_port, request.deadline)
+    try:
+        order.validate(rt.topology.world_size, rt.epoch + 1)
+    except ValueError as error:
+        return RempReshapeReqOutput(error=str(error), status=400, nonce=request.nonce)
     if rt.launch_rank == 0:
         publish_order(rt, order)
     rt.pending, rt.order_at, rt.hold = (order, request), time.perf_counter(), 0
@@ -290,27 +304,34 @@ def _step_boundary(scheduler: Any, rt: RempRuntime) -> None:
 
 def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
          t_order: float | None = None) -> bool:
-    """Execute an order; True if the layout changed. Rank zero answers the HTTP request."""
+    """Execute an order; True if the loop must restart (the layout changed, or the old
+    world was rebuilt by a rollback). Rank zero answers the HTTP request."""
     from .messages import RempReshapeReqOutput
 
+    nonce = getattr(recv_req, "nonce", "")
     try:
         t_boundary = time.perf_counter()
         report = execute(scheduler, rt, order, t_boundary)
         if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
             report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
-        out = RempReshapeReqOutput(report_json=json.dumps(report))
-        changed = True
-    except MigrationError as error:  # agreed before teardown: the old layout still serves
-        rt.epoch = order.epoch
-        rt.state = "serving"
-        logger.warning("remp: reshape aborted, old layout kept: %s", error)
-        out = RempReshapeReqOutput(error=f"reshape aborted, old layout kept: {error}",
-                                   status=409 if _caused_by(error, CapacityError)
-                                   or _caused_by(error, CarryRefused) else 500)
-        changed = False
+        out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=nonce)
+        restart = True
+    except ReshapeFailed as failed:  # every rank alike; the old layout serves
+        logger.warning("remp: %s", failed)
+        refused = _caused_by(failed, CapacityError) or _caused_by(failed, CarryRefused)
+        out = RempReshapeReqOutput(
+            error=str(failed), status=409 if refused else 500, nonce=nonce,
+            report_json=json.dumps({"step": failed.step, "rolled_back": failed.rolled_back}))
+        restart = failed.rolled_back
+    except MigrationError as error:  # the rollback itself failed: nothing more to try here
+        logger.critical("remp: reshape %d could not roll back: %s", order.epoch, error)
+        out = RempReshapeReqOutput(error=f"reshape failed and could not roll back: {error}",
+                                   status=500, nonce=nonce,
+                                   report_json=json.dumps({"step": "rollback"}))
+        restart = True
     if recv_req is not None and rt.launch_rank == 0:
         scheduler.send_control_output(out, recv_req)
-    return changed
+    return restart
 
 
 def _caused_by(error: BaseException, kind: type) -> bool:
