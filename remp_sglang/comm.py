@@ -27,7 +27,10 @@ import torch.distributed as dist
 
 
 class MigrationError(RuntimeError):
-    """A reshape step failed on some rank; the old pools and weights are untouched."""
+    """A reshape step failed on some rank; the old pools and weights are untouched.
+    `failed_step`: where the first failing rank was, when it said so in its vote."""
+
+    failed_step: str | None = None
 
 
 @dataclass
@@ -277,7 +280,7 @@ class Communicator:
         return f"agree/{self._epoch}/{round_}"
 
     def agree(self, error: BaseException | None, step: str, info: Any = None,
-              patient: bool = False) -> list[Any]:
+              patient: bool = False, where: str | None = None) -> list[Any]:
         """All ranks learn whether any rank failed `step`; every rank raises if one did.
 
         Returns every rank's `info` (plain JSON data) on success. Rank zero decides;
@@ -289,7 +292,8 @@ class Communicator:
             return self._agree_collective(error, step, info)
         self._round += 1
         key = self._key(self._round)
-        vote = {"ok": error is None, "why": "" if error is None else str(error), "info": info}
+        vote = {"ok": error is None, "why": "" if error is None else str(error), "info": info,
+                "where": where}
         self.store.set(f"{key}/vote/{self.rank}", json.dumps(vote))
         if self.rank == 0:
             decision = self._decide(key, step, patient)
@@ -297,9 +301,13 @@ class Communicator:
         else:
             decision = self._await_decision(key, step)
         if error is not None:
-            raise MigrationError(f"{step} failed on rank {self.rank}: {error}") from error
+            failed = MigrationError(f"{step} failed on rank {self.rank}: {error}")
+            failed.failed_step = where
+            raise failed from error
         if not decision["ok"]:
-            raise MigrationError(f"{step}: {decision['why']}; nothing was committed")
+            failed = MigrationError(f"{step}: {decision['why']}; nothing was committed")
+            failed.failed_step = decision.get("where")
+            raise failed
         return decision["info"]
 
     def _decide(self, key: str, step: str, patient: bool) -> dict:
@@ -309,14 +317,19 @@ class Communicator:
             for r in range(self.world_size):
                 if r not in votes and self.store.check([f"{key}/vote/{r}"]):
                     votes[r] = json.loads(self.store.get(f"{key}/vote/{r}"))
-            failed = {r: v["why"] for r, v in votes.items() if not v["ok"]}
+            failed = {r: v for r, v in votes.items() if not v["ok"]}
             if failed:
-                why = "; ".join(f"rank {r}: {w}" for r, w in sorted(failed.items()))
-                return {"ok": False, "why": f"failed on {why}", "info": None}
-            if len(votes) == self.world_size:
+                why = "; ".join(f"rank {r}: {v['why']}" for r, v in sorted(failed.items()))
+                return {"ok": False, "why": f"failed on {why}", "info": None,
+                        "where": failed[min(failed)].get("where")}
+            missing = [r for r in range(self.world_size) if r not in votes]
+            if not patient and time.time() > bound:  # past the deadline nothing commits
+                waiting = f" (waiting for rank(s) {missing})" if missing else ""
+                return {"ok": False, "why": f"timed out: the reshape's deadline passed"
+                        f"{waiting}", "info": None}
+            if not missing:
                 return {"ok": True, "why": "", "info": [votes[r]["info"]
                                                         for r in range(self.world_size)]}
-            missing = [r for r in range(self.world_size) if r not in votes]
             stalled = [] if patient else [r for r in self.stalled_peers() if r in missing]
             if stalled:
                 return {"ok": False, "why": f"rank(s) {stalled} stopped answering",

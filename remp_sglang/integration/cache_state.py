@@ -42,6 +42,7 @@ class CacheState:
     free_request_slots: list[int]
     requests: list[RequestRecord] = field(default_factory=list)  # queued, in order
     engine_paused: bool = False  # SGLang's pause_generation flag, for joining ranks
+    new_token_ratio: float = 1.0  # SGLang's admission estimate, the same on every rank
 
     @property
     def slots(self) -> list[int]:
@@ -58,7 +59,7 @@ class CacheState:
         paths = [CachedPath(p.tokens, [mapping.get(s, s) for s in p.slots], p.extra_key,
                             p.cache_salt) for p in self.paths]
         moved = CacheState(paths, [], [], self.free_request_slots, self.requests,
-                           self.engine_paused)
+                           self.engine_paused, self.new_token_ratio)
         used = set(moved.slots)
         moved.free_pages = [s for s in range(1, new_size + 1) if s not in used]
         return moved

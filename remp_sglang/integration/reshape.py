@@ -213,8 +213,12 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     device = torch.device(_device_of(sched))
     step = "prepare"
 
-    def fault(at: str) -> None:
-        fault_point(rt.ctrl, rank, at)
+    fired: set[str] = set()
+
+    def fault(at: str) -> None:  # once per step (transfers reach it per item)
+        if at not in fired:
+            fired.add(at)
+            fault_point(rt.ctrl, rank, at)
 
     # 1-3: everything that can fail runs while the old world still serves.
     old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
@@ -235,6 +239,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             exported = export_state(sched)
             exported.requests = export_requests(sched)
             exported.engine_paused = bool(getattr(sched, "_engine_paused", False))
+            exported.new_token_ratio = float(sched.new_token_ratio_tracker.current)
             if exported.slots != live_slots(sched).tolist():
                 raise MigrationError("KV slots are held outside the radix tree after the "
                                      "running requests were checkpointed")
@@ -273,7 +278,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                         staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(),
                         fault=lambda at, r: fault(step) if at == "gather" else None)
         times["kv_s"] = time.perf_counter() - t
-    except MigrationError as exc:
+    except Exception as exc:  # agreed on (or bounded by the deadline on every rank)
         raise ReshapeFailed(step, exc, rolled_back=False) from exc
     del old_pool
     new_state = state
@@ -307,8 +312,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             if not was_active:  # a joining rank: rank zero's queue, request by request
                 adopt_requests(sched, state.requests)
                 sched._engine_paused = state.engine_paused
-            # Admission depends on this estimate: every rank of the new world starts equal.
-            sched.new_token_ratio_tracker.reset()
+            # Admission depends on this estimate: every rank of the new world takes rank
+            # zero's, so the carried requests are re-admitted as they were running (a
+            # reset to the conservative start value held some back for seconds).
+            sched.new_token_ratio_tracker.current = state.new_token_ratio
             times["cache_state_s"] = time.perf_counter() - t
         step = "rebind"
         fault(step)
@@ -317,10 +324,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         error = exc
     sent = [kv.stats.bytes_sent, weights.stats.bytes_sent]
     try:
-        infos = rt.ctrl.agree(error, f"new layout ({step})", info=sent)
+        infos = rt.ctrl.agree(error, "new layout", info=sent, where=step)
     except MigrationError as exc:
         _rollback(sched, rt, old, new, order, state, old_params, old_pool_obj)
-        raise ReshapeFailed(step, exc, rolled_back=True) from exc
+        raise ReshapeFailed(exc.failed_step or step, exc, rolled_back=True) from exc
 
     # Committed: what the old layout kept goes.
     del weights, old_params, old_pool_obj
@@ -371,7 +378,7 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
             _build_worker(sched, old_params, old_pool_obj, rt.pool_size, order.rollback_port)
             import_state(sched, state, rt.pool_size)
             _refresh_scheduler(sched)
-            sched.new_token_ratio_tracker.reset()
+            sched.new_token_ratio_tracker.current = state.new_token_ratio
         elif new.is_active(rank):
             clear_requests(sched)
         rebind_threads(rt, old)
@@ -422,6 +429,7 @@ def _teardown(sched: Any, quiet: bool = False) -> None:
     """Drop the old worker and pool, then destroy the SGLang world (groups and default PG).
     `quiet`: a rollback's clean-up of a half-built world (nothing in flight to commit)."""
     from sglang.srt.distributed import parallel_state
+    from sglang.srt.runtime_context import get_parallel
 
     if not quiet:
         commit_pp_sends(sched)
@@ -431,8 +439,22 @@ def _teardown(sched: Any, quiet: bool = False) -> None:
         if hasattr(sched, name):
             setattr(sched, name, None)
     gc.collect()
-    parallel_state.destroy_model_parallel()
-    parallel_state.destroy_distributed_environment()
+    try:
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+    except Exception:
+        if not quiet:
+            raise
+        # A half-built world: drop this rank's groups locally, forget every coordinator.
+        logger.warning("remp: clean-up of a half-built world", exc_info=True)
+        parallel_state.abort_distributed_environment()
+        for name, value in list(vars(parallel_state).items()):
+            if isinstance(value, parallel_state.GroupCoordinator):
+                setattr(parallel_state, name, None)
+        from sglang.srt.distributed.bootstrap import reset_parallel_initialised
+
+        reset_parallel_initialised()
+        get_parallel().clear_stamp()
     parallel_state._SELF_PP = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
