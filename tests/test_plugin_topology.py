@@ -135,3 +135,18 @@ def test_without_remp_the_plugin_is_inert(
         assert server.server_info()["tp_size"] == 1
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow
+def test_launch_refuses_an_option_a_reshape_would_break(tiny_llama_dir, plugin_env) -> None:
+    """Refused before any process is spawned, with the option named."""
+    from remp_sglang.testing.server import server_command, server_env
+
+    command = server_command(tiny_llama_dir, port=1, host="127.0.0.1", tp=1, pp=1,
+                             max_total_tokens=512, extra_args=("--remp", "--page-size", "16"),
+                             python=sys.executable)
+    done = subprocess.run(command, env=server_env(1, plugin_env), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--remp does not support a KV page size other than 1 (--page-size=16)" in (
+        done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]

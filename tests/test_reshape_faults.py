@@ -130,3 +130,15 @@ def test_reshapes_work_after_every_fault(faulty):
     assert out["meta_info"]["cached_tokens"] >= len(PROMPT) - 1
     outcomes = run_concurrently(server.base_url, jobs, model)
     assert [o.output for o in outcomes] == [o.output for o in reference]
+
+
+def test_a_slow_but_live_rank_is_waited_for(faulty):
+    """A model build that takes 2.5 stall bounds (a GPU capturing CUDA graphs) while its
+    heartbeat goes on: the other ranks wait for it and the reshape goes through."""
+    server, spec, jobs, reference, model = faulty
+    if topology(server)["tp"] != 2:
+        reshape(server, 2, 1)
+    status, body, old, layout = failing_reshape(server, spec, jobs, reference, model, 1, 1,
+                                                "model", 0, f"delay:{2.5 * STALL_S}")
+    assert (status, layout) == (200, {"tp": 1, "pp": 1}), body
+    assert body["phases"]["model_s"] >= 2.5 * STALL_S

@@ -288,7 +288,9 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
 
     # 4-5: the old world goes away and the new one is built. A failure anywhere here is
     # agreed on, and every rank rebuilds the old world from what it kept: its weights,
-    # its pool (only read so far) and the export (`_rollback`).
+    # its pool (only read so far) and the export (`_rollback`). Every rank confirms it
+    # is ready before any enters the new world's rendezvous, which blocks (in c10d) for
+    # a peer that never comes.
     error = None
     try:
         step, t = "teardown", time.perf_counter()
@@ -297,8 +299,16 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             _teardown(sched)
         times["teardown_s"] = time.perf_counter() - t
         if now_active:
-            step, t = "world", time.perf_counter()
+            step = "world"
             fault(step)
+    except Exception as exc:
+        error = exc
+    _agree_or_roll_back(sched, rt, error, "new world rendezvous", step, old, new, order, state,
+                        old_params, old_pool_obj)
+    error = None
+    try:
+        if now_active:
+            t = time.perf_counter()
             _init_world(sched, rank, new, order.dist_port, order.deadline)
             times["world_s"] = time.perf_counter() - t
             step, t = "model", time.perf_counter()
@@ -323,11 +333,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     except Exception as exc:
         error = exc
     sent = [kv.stats.bytes_sent, weights.stats.bytes_sent]
-    try:
-        infos = rt.ctrl.agree(error, "new layout", info=sent, where=step)
-    except MigrationError as exc:
-        _rollback(sched, rt, old, new, order, state, old_params, old_pool_obj)
-        raise ReshapeFailed(exc.failed_step or step, exc, rolled_back=True) from exc
+    infos = _agree_or_roll_back(sched, rt, error, "new layout", step, old, new, order, state,
+                                old_params, old_pool_obj, info=sent)
 
     # Committed: what the old layout kept goes.
     del weights, old_params, old_pool_obj
@@ -361,6 +368,18 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     return report
 
 
+def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None, what: str,
+                        step: str, old: Topology, new: Topology, order: ReshapeOrder,
+                        state: CacheState, old_params: dict, old_pool_obj: Any,
+                        info: Any = None) -> list:
+    """Agree on a step past teardown; on abort, roll back and raise `ReshapeFailed`."""
+    try:
+        return rt.ctrl.agree(error, what, info=info, where=step)
+    except MigrationError as exc:
+        _rollback(sched, rt, old, new, order, state, old_params, old_pool_obj)
+        raise ReshapeFailed(exc.failed_step or step, exc, rolled_back=True) from exc
+
+
 def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: ReshapeOrder,
               state: CacheState, old_params: dict, old_pool_obj: Any) -> None:
     """Serve the old layout again after a failure past teardown: every rank drops what it
@@ -368,12 +387,18 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
     and the export; joining ranks drop the requests they adopted. Waits for every rank
     (a frozen one too) until the reshape timeout."""
     rank = rt.launch_rank
+    rt.ctrl.deadline = deadline = time.time() + rt.reshape_timeout_s
     error: BaseException | None = None
     try:
         if new.is_active(rank) or old.is_active(rank):
             _teardown(sched, quiet=True)
+    except Exception as exc:
+        logger.exception("remp: rollback failed on rank %d", rank)
+        error = exc
+    # As for the new world: nobody enters the old world's rendezvous alone.
+    rt.ctrl.agree(error, "rollback rendezvous", patient=True)
+    try:
         if old.is_active(rank):
-            deadline = time.time() + rt.reshape_timeout_s
             _init_world(sched, rank, old, order.rollback_port, deadline)
             _build_worker(sched, old_params, old_pool_obj, rt.pool_size, order.rollback_port)
             import_state(sched, state, rt.pool_size)
@@ -385,7 +410,6 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
     except Exception as exc:
         logger.exception("remp: rollback failed on rank %d", rank)
         error = exc
-    rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
     rt.ctrl.agree(error, "rollback", patient=True)
     logger.warning("remp: reshape %d rolled back to tp=%d pp=%d on rank %d", order.epoch,
                    old.tp, old.pp, rank)
