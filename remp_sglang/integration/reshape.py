@@ -112,6 +112,7 @@ class RempRuntime:
     hold: int = 0  # PP: loop iterations held so far for launched micro-batches
     pp_retract: bool = False  # PP: a pause_generation(retract) waiting for quiescence
     settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
+    deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:

@@ -220,6 +220,8 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
     rt = runtime(scheduler)
     if rt is None:
         return original(scheduler, running_batch, last_batch)
+    if rt.deferred is not None:  # the first step on the new layout starts here
+        _answer(scheduler, rt)
     if rt.settled_last is not None:  # a batch settled for a reshape that did not happen
         last_batch, rt.settled_last = rt.settled_last, None
     if rt.pending is None and rt.topology.pp > 1 and rt.pp_retract:
@@ -281,6 +283,8 @@ def around_on_idle(original: Any, scheduler: Any) -> Any:
 def around_paused_state(original: Any, scheduler: Any) -> Any:
     """While generation is paused the loop never schedules: reshape from here."""
     rt = runtime(scheduler)
+    if rt is not None and rt.deferred is not None:
+        _answer(scheduler, rt)
     if rt is not None and rt.pending is not None and rt.topology.pp == 1:
         _step_boundary(scheduler, rt)
     return original(scheduler)
@@ -314,6 +318,11 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
         report = execute(scheduler, rt, order, t_boundary)
         if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
             report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
+        if recv_req is not None and rt.launch_rank == 0:
+            # Answered when the new layout's first step starts (`_answer`): the
+            # downtime then covers everything up to it, the loop's restart included.
+            rt.deferred = (report, recv_req, t_boundary, time.perf_counter())
+            return True
         out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=nonce)
         restart = True
     except ReshapeFailed as failed:  # every rank alike; the old layout serves
@@ -332,6 +341,19 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
     if recv_req is not None and rt.launch_rank == 0:
         scheduler.send_control_output(out, recv_req)
     return restart
+
+
+def _answer(scheduler: Any, rt: RempRuntime) -> None:
+    """Reply to a reshape whose new layout is about to run its first step."""
+    from .messages import RempReshapeReqOutput
+
+    report, recv_req, t_boundary, t_done = rt.deferred
+    rt.deferred = None
+    now = time.perf_counter()
+    report["downtime_s"] = round(now - t_boundary, 4)
+    report["phases"]["restart_s"] = round(now - t_done, 4)
+    scheduler.send_control_output(RempReshapeReqOutput(
+        report_json=json.dumps(report), nonce=recv_req.nonce), recv_req)
 
 
 def _caused_by(error: BaseException, kind: type) -> bool:
