@@ -297,7 +297,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         step, t = "teardown", time.perf_counter()
         fault(step)
         if was_active:
-            _teardown(sched)
+            times.update(_teardown(sched))
         times["teardown_s"] = time.perf_counter() - t
         if now_active:
             step = "world"
@@ -450,7 +450,7 @@ def _device_of(sched: Any) -> str:
     return "cpu" if sched.server_args.device == "cpu" else f"cuda:{get_device().gpu_id}"
 
 
-def _teardown(sched: Any, quiet: bool = False) -> None:
+def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     """Drop the old worker and pool, then destroy the SGLang world (groups and default PG).
     `quiet`: a rollback's clean-up of a half-built world (nothing in flight to commit)."""
     from sglang.srt.distributed import parallel_state
@@ -463,7 +463,9 @@ def _teardown(sched: Any, quiet: bool = False) -> None:
                  "batch_result_processor", "future_map"):
         if hasattr(sched, name):
             setattr(sched, name, None)
+    t0 = time.perf_counter()
     gc.collect()
+    t1 = time.perf_counter()
     try:
         parallel_state.destroy_model_parallel()
         parallel_state.destroy_distributed_environment()
@@ -481,8 +483,10 @@ def _teardown(sched: Any, quiet: bool = False) -> None:
         reset_parallel_initialised()
         get_parallel().clear_stamp()
     parallel_state._SELF_PP = None
+    times = {"teardown_gc_s": t1 - t0, "teardown_groups_s": time.perf_counter() - t1}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return times
 
 
 def _init_world(sched: Any, rank: int, topo: Topology, port: int, deadline: float) -> None:
