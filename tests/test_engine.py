@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.engine import KVPool, migrate_kv, remap_slots, reshard_weights
+from remp_sglang.predict import predict_transfer
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import (
     DenseDecoder,
@@ -96,6 +97,11 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
                     res = migrate_kv(comm, old, new, shape, old_pool, live, new_slots,
                                      dtype=torch.float32, staging_bytes=staging)
                     check_kv(res, full_k, full_v, new, rank, shape, live)
+                    # /remp/plan's prediction is what the engine moves, byte for byte
+                    model = DenseDecoder(shape, shape.num_heads * shape.head_dim, 16, 64)
+                    pred = predict_transfer(old, new, model, shape, live.numel())
+                    assert res.stats.bytes_sent == pred.kv_sent[rank]
+                    assert res.stats.bytes_received == pred.kv_received[rank]
                     assert res.compacted == (new_slots < OLD_SLOTS)
                     assert res.stats.staging_bytes <= staging
                     if old == new:
@@ -186,6 +192,9 @@ def _weights_world(rank: int, world: int, port: int, errors) -> None:
             for staging in (1 << 20, 1024):  # 1 KiB forces many rounds and split moves
                 res = reshard_weights(comm, old, new, MODEL, shard_weights(full, old, rank),
                                       dtype=torch.float32, staging_bytes=staging)
+                pred = predict_transfer(old, new, MODEL, MODEL.shape, 0)
+                assert res.stats.bytes_sent == pred.weights_sent[rank]
+                assert res.stats.bytes_received == pred.weights_received[rank]
                 want = shard_weights(full, new, rank)
                 assert res.params.keys() == want.keys(), (old, new, rank)
                 for key in want:

@@ -121,6 +121,35 @@ def test_switch_sequence_keeps_cache_and_output(llama):
 CAPACITY = {(2, 1): 1024, (1, 2): 1024, (1, 1): 512}
 
 
+def test_plan_is_a_dry_run_that_predicts_the_reshape(llama):
+    """POST /remp/plan changes nothing and predicts the bytes the reshape then moves,
+    exactly (the same planner), and a downtime once a reshape has been measured."""
+    server, reference = llama
+    check_greedy(server, reference)
+    for n, (tp, pp) in enumerate(((1, 1), (2, 1), (1, 2), (2, 1))):
+        before, topo = digest(server), topology(server)
+        response = server.post("/remp/plan", {"tp": tp, "pp": pp}, timeout=120)
+        assert response.status_code == 200, response.text
+        planned = response.json()
+        assert planned["new"] == {"tp": tp, "pp": pp} and not planned["refused"], planned
+        assert planned["old"] == {"tp": topo["tp"], "pp": topo["pp"]}
+        assert planned["kv_capacity_tokens"] == CAPACITY[(tp, pp)]
+        assert planned["cached_tokens_evicted"] == 0
+        assert len(planned["per_rank"]) == 2 and planned["max_rank_bytes"] > 0
+        if n:
+            assert planned["predicted_downtime_s"] > 0, planned
+        assert digest(server) == before
+        assert topology(server)["kv_capacity_tokens"] == topo["kv_capacity_tokens"]
+        report = reshape(server, tp, pp)
+        assert report["predicted"]["kv_bytes"] == report["kv_bytes_moved"] == planned["kv_bytes"]
+        assert report["predicted"]["weight_bytes"] == report["weight_bytes_moved"] \
+            == planned["weight_bytes"]
+        assert report["max_rank_bytes"] == planned["max_rank_bytes"]
+    for body, status in (({"tp": 3}, 400), ({"tp": 1, "pp": 3}, 400)):
+        assert server.post("/remp/plan", body, timeout=60).status_code == status
+    check_greedy(server, reference)
+
+
 def test_capacity_and_prompt_limits_follow_the_layout(llama):
     server, reference = llama
     if topology(server)["tp"] != 2:

@@ -89,3 +89,18 @@ class RempKVDigestReqOutput(BaseReq, kw_only=True):
 
 
 MESSAGE_TYPES = MESSAGE_TYPES + (RempKVDigestReqInput, RempKVDigestReqOutput)
+
+
+class RempPlanReqInput(BaseReq, kw_only=True):
+    """A reshape's dry run: what switching to (tp, pp) would move, evict and refuse."""
+
+    tp: int = 0
+    pp: int = 0
+
+
+class RempPlanReqOutput(BaseReq, kw_only=True):
+    report_json: str = "{}"
+    error: str | None = None
+
+
+MESSAGE_TYPES = MESSAGE_TYPES + (RempPlanReqInput, RempPlanReqOutput)

@@ -25,14 +25,15 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError
-from remp_sglang.engine import KVPool, migrate_kv, reshard_weights
+from remp_sglang.engine import CapacityError, KVPool, migrate_kv, reshard_weights
+from remp_sglang.predict import DowntimeModel, predict_transfer
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
 
@@ -47,6 +48,7 @@ from .cache_state import (
 from .faults import fault_point
 from .model_state import local_params, weights_from_memory
 from .step_boundary import (
+    CarryRefused,
     adopt_requests,
     check_joinable,
     checkpoint_requests,
@@ -55,6 +57,7 @@ from .step_boundary import (
     export_requests,
     kv_requests,
     make_room,
+    room_needed,
 )
 
 logger = logging.getLogger("sglang.srt.remp")
@@ -113,6 +116,7 @@ class RempRuntime:
     pp_retract: bool = False  # PP: a pause_generation(retract) waiting for quiescence
     settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
     deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
+    downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:
@@ -220,6 +224,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         if at not in fired:
             fired.add(at)
             fault_point(rt.ctrl, rank, at)
+
+    # What /remp/plan would answer, made before anything changes (rank zero reports it
+    # next to the measured values).
+    predicted = plan(sched, rt, new) if rank == 0 else None
 
     # 1-3: everything that can fail runs while the old world still serves.
     old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
@@ -357,6 +365,9 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "requests_carried": carried, "chunked_prefill_carried": chunked,
         "cached_tokens_evicted": evicted,
         "queued_requests": len(state.requests),
+        "max_rank_bytes": predict_transfer(old, new, rt.decoder, kv_shape,
+                                           int(live.numel())).max_rank_bytes,
+        "predicted": predicted and {k: predicted[k] for k in PREDICTED},
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
     }
@@ -367,6 +378,37 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                 "and %d B weights", order.epoch, (old.tp, old.pp), (new.tp, new.pp), rank,
                 downtime, report["kv_bytes_moved"], report["weight_bytes_moved"])
     return report
+
+
+PREDICTED = ("kv_bytes", "weight_bytes", "cached_tokens_evicted", "kv_capacity_tokens",
+             "predicted_downtime_s")
+
+
+def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
+    """A reshape's dry run from the live state: what it would move (planner bytes per
+    rank), evict and refuse, the capacity after, and the downtime model's prediction.
+    Changes nothing."""
+    old = rt.topology
+    size = rt.capacity_for(new)
+    alloc = sched.token_to_kv_pool_allocator
+    live = int(alloc.size) - int(alloc.available_size())
+    reqs = kv_requests(sched)
+    refused, evict = None, 0
+    try:
+        new.check_model(rt.decoder.shape)
+        if any(not old.is_active(r) for r in new.active_ranks):
+            check_joinable(sched, reqs)
+        evict = max(0, room_needed(sched, reqs, size))
+    except (CapacityError, CarryRefused, ValueError) as error:
+        refused = str(error)
+    kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
+    transfer = predict_transfer(old, new, rt.decoder, kv_shape, max(0, live - evict))
+    return {"old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
+            "refused": refused is not None, "reason": refused,
+            "kv_capacity_tokens": size, "live_kv_slots": live, "requests_carried": len(reqs),
+            "cached_tokens_evicted": evict, **transfer.to_json(),
+            "predicted_downtime_s": rt.downtime_model.predict(transfer.max_rank_bytes),
+            "downtime_model": rt.downtime_model.to_json()}
 
 
 def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None, what: str,

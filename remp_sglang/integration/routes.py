@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - only SGLang processes serve the routes
 
 ROUTE_TOPOLOGY = "/remp/topology"
 ROUTE_RESHAPE = "/remp/reshape"
+ROUTE_PLAN = "/remp/plan"
 #: Test hook (only with REMP_DEBUG_ROUTES=1): a layout-free digest of the cached KV rows.
 ROUTE_KV_DIGEST = "/remp/debug/kv_digest"
 ENV_DEBUG_ROUTES = "REMP_DEBUG_ROUTES"
@@ -56,6 +57,7 @@ def install(config: RempConfig) -> None:
     app = http_server.app
     app.add_api_route(ROUTE_TOPOLOGY, _topology_route, methods=["GET"], name="remp_topology")
     app.add_api_route(ROUTE_RESHAPE, _reshape_route, methods=["POST"], name="remp_reshape")
+    app.add_api_route(ROUTE_PLAN, _plan_route, methods=["POST"], name="remp_plan")
     if os.environ.get(ENV_DEBUG_ROUTES) == "1":
         app.add_api_route(ROUTE_KV_DIGEST, _kv_digest_route, methods=["GET"],
                           name="remp_kv_digest")
@@ -349,6 +351,40 @@ def torch_dtype_of(hf_config: Any) -> Any:
     import torch
 
     return getattr(hf_config, "torch_dtype", None) or torch.float32
+
+
+async def _plan_route(request: Request) -> Any:
+    """POST /remp/plan: what a reshape to the body's layout would move, evict, refuse
+    and cost; nothing changes (a normal read, like /remp/topology)."""
+    from fastapi.responses import JSONResponse
+
+    from remp_sglang.integration.messages import RempPlanReqInput, RempPlanReqOutput
+
+    tokenizer_manager = _tokenizer_manager()
+    if tokenizer_manager is None:
+        return JSONResponse({"error": "server is not ready"}, status_code=503)
+    try:
+        body = await request.json()
+    except ValueError as error:
+        return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+    config = config_from_env() or RempConfig()
+    try:
+        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
+                                 cpu=tokenizer_manager.server_args.device == "cpu",
+                                 current=(_main_view["tp"], _main_view["pp"]))
+    except ValueError as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+    if _main_view.get("state") == "reshaping":
+        return JSONResponse({"error": "a reshape is running"}, status_code=409)
+    try:
+        replies = await asyncio.wait_for(
+            _communicator(tokenizer_manager, RempPlanReqOutput)(RempPlanReqInput(tp=tp, pp=pp)),
+            timeout=TOPOLOGY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return JSONResponse({"error": "no plan reply from the scheduler"}, status_code=504)
+    if replies[0].error:
+        return JSONResponse({"error": replies[0].error}, status_code=500)
+    return JSONResponse(json.loads(replies[0].report_json))
 
 
 async def _reshape_route(request: Request) -> Any:

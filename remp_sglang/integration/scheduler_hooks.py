@@ -41,6 +41,7 @@ from .reshape import (
     kv_dtypes,
     kv_shape_of,
     launch_cpus,
+    plan,
     publish_order,
     rebind_threads,
     wait_for_order,
@@ -134,10 +135,16 @@ def after_init_request_dispatcher(result: Any, scheduler: Any, *args: Any, **kwa
     """Add the REMP request types to the scheduler's dispatcher (re-run after a rebuild)."""
     from sglang.utils import TypeBasedDispatcher
 
-    from .messages import RempKVDigestReqInput, RempReshapeReqInput, RempTopologyReqInput
+    from .messages import (
+        RempKVDigestReqInput,
+        RempPlanReqInput,
+        RempReshapeReqInput,
+        RempTopologyReqInput,
+    )
 
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (RempTopologyReqInput, lambda req: handle_topology(scheduler, req)),
+        (RempPlanReqInput, lambda req: handle_plan(scheduler, req)),
         (RempReshapeReqInput, lambda req: handle_reshape(scheduler, req)),
         (RempKVDigestReqInput, lambda req: handle_kv_digest(scheduler, req)),
     ])
@@ -190,6 +197,21 @@ def _process_groups() -> int:
     import torch.distributed as dist
 
     return len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else 0
+
+
+def handle_plan(scheduler: Any, request: Any) -> Any:
+    """The dry run of a reshape to (tp, pp), from this rank's live state."""
+    from .messages import RempPlanReqOutput
+
+    rt = runtime(scheduler)
+    try:
+        if rt.decoder is None:
+            raise ValueError("reshapes are disabled for this model (see log)")
+        report = plan(scheduler, rt, Topology(request.tp, request.pp, rt.topology.world_size))
+        return RempPlanReqOutput(report_json=json.dumps(report))
+    except Exception as error:  # report instead of killing the scheduler
+        logger.exception("remp: plan request failed")
+        return RempPlanReqOutput(error=f"{type(error).__name__}: {error}")
 
 
 def handle_reshape(scheduler: Any, request: Any) -> Any:
@@ -352,6 +374,9 @@ def _answer(scheduler: Any, rt: RempRuntime) -> None:
     now = time.perf_counter()
     report["downtime_s"] = round(now - t_boundary, 4)
     report["phases"]["restart_s"] = round(now - t_done, 4)
+    phases = report["phases"]
+    rt.downtime_model.observe(report["max_rank_bytes"], phases["weights_s"] + phases["kv_s"],
+                              report["downtime_s"])
     scheduler.send_control_output(RempReshapeReqOutput(
         report_json=json.dumps(report), nonce=recv_req.nonce), recv_req)
 

@@ -119,6 +119,18 @@ def make_room(scheduler: Any, reqs: list[Any], capacity: int) -> int:
     never complete there. Returns the tokens evicted."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+    need = room_needed(scheduler, reqs, capacity)
+    if need <= 0:
+        return 0
+    alloc = scheduler.token_to_kv_pool_allocator
+    before = alloc.available_size()
+    scheduler.tree_cache.evict(EvictParams(num_tokens=need))
+    return int(alloc.available_size() - before)
+
+
+def room_needed(scheduler: Any, reqs: list[Any], capacity: int) -> int:
+    """Cached tokens `make_room` must evict for `capacity` (<= 0: none); CapacityError
+    if it could not. Changes nothing (the dry run of /remp/plan uses it too)."""
     for req in list(reqs) + _queued(scheduler):
         longest = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
         if longest > capacity:
@@ -128,17 +140,13 @@ def make_room(scheduler: Any, reqs: list[Any], capacity: int) -> int:
     alloc, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
     live = int(alloc.size) - int(alloc.available_size())
     need = live + len(reqs) - capacity
-    if need <= 0:
-        return 0
     evictable = int(tree.evictable_size())
-    if evictable < need:
+    if need > evictable:
         raise CapacityError(
             f"the new layout holds {capacity} KV slots; {live} are live, of which only "
             f"{evictable} are unreferenced cached prefixes, and {len(reqs)} running "
             f"requests need a slot each: {need - evictable} slots do not fit")
-    before = alloc.available_size()
-    tree.evict(EvictParams(num_tokens=need))
-    return int(alloc.available_size() - before)
+    return need
 
 
 # ----------------------------------------------------------------------------- carry
