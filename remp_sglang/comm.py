@@ -244,6 +244,20 @@ class Communicator:
             self.dirty = True
             raise errors[0]
 
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        """`root`'s bytes on every rank, through the group (not the store: the store is
+        a file that only grows), with the same bounded waits as a transfer."""
+        size = torch.tensor([len(data) if self.rank == root else 0], dtype=torch.int64)
+        self.wait([self.pg.broadcast(size, root)])
+        if not size.item():
+            return b""
+        if self.rank == root:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        self.wait([self.pg.broadcast(buf, root)])
+        return buf.numpy().tobytes()
+
     def renew(self) -> None:
         """A fresh group over the same store (every rank calls it at the same point);
         the old one is shut down but kept referenced, as threads may still wait in it."""

@@ -35,6 +35,10 @@ def _rank(rank: int, port: int, errors, results) -> None:
         # 1. everyone agrees: every rank gets every rank's info
         comm.begin(1, time.time() + 20)
         out["ok"] = comm.agree(None, "step one", info=rank * 10)
+        # rank zero's cache state reaches every rank through the group, not the store
+        payload = bytes(range(256)) * 4096
+        out["bcast"] = comm.broadcast_bytes(payload if rank == 0 else None) == payload
+        out["empty"] = comm.broadcast_bytes(b"" if rank == 0 else None) == b""
         # 2. one rank fails: all raise, naming it
         try:
             comm.agree(RuntimeError("boom") if rank == 2 else None, "step two")
@@ -116,6 +120,7 @@ def test_agreement_is_decided_by_rank_zero_and_bounded() -> None:
     assert len(outs) == WORLD, outs
     for rank, out in outs.items():
         assert out["ok"] == [0, 10, 20]
+        assert out["bcast"] and out["empty"]
         assert "rank 2" in out["fail"] and "boom" in out["fail"]
         # the frozen rank is not waited for past the stall bound, and all abort alike
         assert "stopped answering" in out["frozen"], (rank, out)

@@ -31,7 +31,9 @@ def test_every_unsupported_launch_option_is_named() -> None:
            "attn_cp_size": 2, "dcp_size": 2, "nnodes": 2, "enable_lora": True,
            "lora_paths": ["a=b"], "ep_size": 2, "enable_two_batch_overlap": True,
            "enable_single_batch_overlap": True, "disaggregation_mode": "prefill",
-           "enable_hierarchical_cache": True, "enable_pdmux": True, "page_size": 16}
+           "enable_hierarchical_cache": True, "enable_pdmux": True, "page_size": 16,
+           "startup_weight_load_mode": "overlap", "enable_symm_mem": True,
+           "enable_torch_symm_mem": True}
     assert set(bad) == set(supported)
     for name, value in bad.items():
         flag = "--" + name.replace("_", "-")

@@ -149,6 +149,9 @@ UNSUPPORTED_OPTIONS = (
     ("enable_hierarchical_cache", False, "the hierarchical (host) KV cache"),
     ("enable_pdmux", False, "PD multiplexing"),
     ("page_size", 1, "a KV page size other than 1"),
+    ("startup_weight_load_mode", "serial", "overlapped start-up weight loading"),
+    ("enable_symm_mem", False, "symmetric-memory collectives"),
+    ("enable_torch_symm_mem", False, "torch symmetric-memory collectives"),
 )
 
 

@@ -143,10 +143,6 @@ def order_key(epoch: int) -> str:
     return f"remp/order/{epoch}"
 
 
-def state_key(epoch: int) -> str:
-    return f"remp/state/{epoch}"
-
-
 def publish_order(rt: RempRuntime, order: ReshapeOrder) -> None:
     """Rank zero makes the order visible to parked ranks (they poll the store)."""
     rt.store.set(order_key(order.epoch), msgspec.json.encode(order))
@@ -193,9 +189,8 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     """
     rt.ctrl.begin(order.epoch, order.deadline)
     rt.state = "reshaping"
-    if rt.launch_rank == 0:  # every rank is past the previous reshape's keys
-        for key in (state_key(order.epoch - 1), order_key(order.epoch - 1)):
-            rt.store.delete_key(key)
+    if rt.launch_rank == 0:  # every rank is past the previous reshape's order
+        rt.store.delete_key(order_key(order.epoch - 1))
     try:
         return _execute(sched, rt, order, t_boundary)
     except ReshapeFailed as failed:
@@ -231,6 +226,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
 
     # 1-3: everything that can fail runs while the old world still serves.
     old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
+    encoded: bytes | None = None
     new_size = rt.capacity_for(new)
     error: BaseException | None = None
     carried, evicted, chunked = 0, 0, False
@@ -252,7 +248,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             if exported.slots != live_slots(sched).tolist():
                 raise MigrationError("KV slots are held outside the radix tree after the "
                                      "running requests were checkpointed")
-            rt.store.set(state_key(order.epoch), encode_state(exported))
+            encoded = encode_state(exported)
         if was_active:
             runner = sched.tp_worker.model_runner
             old_params = local_params(runner.model, rt.decoder, old, rank)
@@ -266,7 +262,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     try:
         rt.ctrl.agree(error, "reshape preparation")
         # Every rank rebuilds from rank zero's export (and falls back on it).
-        state = decode_state(rt.store.get(state_key(order.epoch)), rt.pool_size)
+        state = decode_state(rt.ctrl.broadcast_bytes(encoded), rt.pool_size)
         times["prepare_s"] = time.perf_counter() - t0
 
         step, t = "weights", time.perf_counter()
@@ -501,6 +497,9 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     if not quiet:
         commit_pp_sends(sched)
     sched.token_to_kv_pool_allocator._kvcache = None
+    inquirer = getattr(sched, "load_inquirer", None)
+    if inquirer is not None:  # it holds the worker: the old model would never be freed
+        sched.load_inquirer = replace(inquirer, tp_worker=None)
     for name in ("tp_worker", "model_worker", "weight_updater", "dp_attn_adapter",
                  "batch_result_processor", "future_map"):
         if hasattr(sched, name):
@@ -629,6 +628,12 @@ def _refresh_scheduler(sched: Any) -> None:
     sched.init_rank_consensus_checker()
     sched.init_pool_stats_observer()  # both account tokens against the pool size
     sched.init_invariant_checker()
+    if getattr(sched, "load_inquirer", None) is not None:  # (its init also resets pause
+        sched.load_inquirer = replace(  # and prefill accounting: only re-point it)
+            sched.load_inquirer, tp_worker=sched.tp_worker,
+            pool_stats_observer=sched.pool_stats_observer,
+            max_total_num_tokens=sched.max_total_num_tokens * getattr(
+                sched, "kv_shard_widening", 1))
     sched.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
     sched.last_batch = None
     sched.result_queue = deque()
