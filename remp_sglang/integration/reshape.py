@@ -183,7 +183,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     """Run one reshape on this rank; returns rank zero's report (partial elsewhere).
 
     `t_boundary`: when this rank finished its last step on the old layout (downtime
-    runs from there to the end of this function, after which the new layout steps).
+    runs from there; rank zero's caller ends it at the new layout's first step).
     Raises `ReshapeFailed` on every rank alike when any rank fails any step; the old
     layout then serves with its cache and requests.
     """
@@ -221,8 +221,13 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             fault_point(rt.ctrl, rank, at)
 
     # What /remp/plan would answer, made before anything changes (rank zero reports it
-    # next to the measured values).
-    predicted = plan(sched, rt, new) if rank == 0 else None
+    # next to the measured values; informational, never a reason to fail).
+    predicted = None
+    if rank == 0:
+        try:
+            predicted = plan(sched, rt, new)
+        except Exception:
+            logger.warning("remp: no prediction for reshape %d", order.epoch, exc_info=True)
 
     # 1-3: everything that can fail runs while the old world still serves.
     old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
