@@ -97,7 +97,10 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         assert report["weight_bytes_moved"] > 0
         assert report["downtime_s"] > 0 and set(report["phases"]) >= {"weights_s", "kv_s"}
         switch = f"{old['tp']}x{old['pp']}->{tp}x{pp}"
-        assert same_rows(before, digest(server)), f"KV rows changed in {switch}"
+        after = digest(server)
+        # every active rank holds one model: the one it replaced was freed
+        assert before.pop("model_runners") == after.pop("model_runners") == ["1"], switch
+        assert same_rows(before, after), f"KV rows changed in {switch}"
 
         topo = topology(server)
         assert (topo["tp"], topo["pp"], topo["state"]) == (tp, pp, "serving")

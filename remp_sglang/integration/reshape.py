@@ -24,6 +24,7 @@ import gc
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -117,6 +118,7 @@ class RempRuntime:
     settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
     deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
     downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero
+    runners: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # leak checks
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:
@@ -502,6 +504,19 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     if not quiet:
         commit_pp_sends(sched)
     sched.token_to_kv_pool_allocator._kvcache = None
+    worker = getattr(sched, "tp_worker", None)
+    if worker is not None and not quiet:
+        # Break the old worker's and runner's links: the start-up objects sit in GC's
+        # permanent generation here (frozen), where the cycles through the old model
+        # (runner <-> attention backends, graph runners) would never be collected.
+        # Reference counting frees them now; the old weights stay alive only through
+        # the tensors the reshape kept for a rollback.
+        runner = getattr(worker, "model_runner", None)
+        for obj in (runner, worker):
+            if obj is not None:
+                vars(obj).clear()
+        del runner
+    del worker
     inquirer = getattr(sched, "load_inquirer", None)
     if inquirer is not None:  # it holds the worker: the old model would never be freed
         sched.load_inquirer = replace(inquirer, tp_worker=None)
@@ -584,6 +599,7 @@ def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int, port: int
     worker.init_attention_backends()
     worker.init_cuda_graphs()  # also sets the eager runners the forward path expects
     sched.tp_worker = sched.model_worker = worker
+    sched._remp.runners.add(runner)
 
 
 def _refresh_scheduler(sched: Any) -> None:

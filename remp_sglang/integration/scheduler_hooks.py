@@ -106,6 +106,7 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         launch_cpus=launch_cpus(world),
         reshape_timeout_s=config.reshape_timeout_s,
     )
+    scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
     return None
 
 
@@ -164,11 +165,21 @@ def handle_kv_digest(scheduler: Any, request: Any) -> Any:
     try:
         mine = kv_digest(scheduler, topo.layer_range(rank, shape.num_layers),
                          topo.kv_head_range(rank, shape.num_kv_heads))
+        mine["model_runners"] = str(_live_runners(rt))
         rt.store.set(f"remp-dbg/{request.nonce}/{rank}", json.dumps(mine))
         return RempKVDigestReqOutput(ranks=list(topo.active_ranks))
     except Exception as error:
         logger.exception("remp: kv digest failed")
         return RempKVDigestReqOutput(error=f"{type(error).__name__}: {error}")
+
+
+def _live_runners(rt: RempRuntime) -> int:
+    """Model runners of this process still alive after a collection (the launch one and
+    every rebuilt one are registered weakly): one, unless a replaced model leaks."""
+    import gc
+
+    gc.collect()
+    return len(rt.runners)
 
 
 def handle_topology(scheduler: Any, request: Any) -> Any:
