@@ -31,6 +31,18 @@ def transformers_greedy(
     return prompt_ids, outputs
 
 
+def model_and_fault_file(model_dir: Path, root: Path) -> tuple[Path, Path]:
+    """A copy of the tiny model under `root` and an empty fault spec for a server
+    launched with ``REMP_FAULT_INJECT=@spec`` (a test writes a fault before a reshape)."""
+    import shutil
+
+    copy = root / "llama"
+    shutil.copytree(model_dir, copy)
+    spec = root / "fault"
+    spec.write_text("")
+    return copy, spec
+
+
 def reshape(server, tp: int, pp: int) -> dict:
     response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
     assert response.status_code == 200, response.text + server.log_tail(80)

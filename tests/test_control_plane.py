@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from remp_checks import model_and_fault_file
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +29,7 @@ PROMPT = [5 + (i * 11) % 200 for i in range(24)]
 
 @pytest.fixture(scope="module")
 def locked(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
-    root = tmp_path_factory.mktemp("locked")
-    model_dir = root / "llama"
-    shutil.copytree(tiny_llama_dir, model_dir)
-    spec = root / "fault"
-    spec.write_text("")
+    model_dir, spec = model_and_fault_file(tiny_llama_dir, tmp_path_factory.mktemp("locked"))
     server = sglang_server_factory(
         model_dir, tp=2,
         extra_args=("--remp", "--api-key", USER, "--admin-api-key", ADMIN,
@@ -249,4 +244,3 @@ def test_the_plane_has_no_port_and_strangers_achieve_nothing(locked, tmp_path):
     assert generate(server, 6) == before
     assert not marker.exists()
     assert all(p.is_running() for p in procs)
-    assert pickle  # the payload above is pickled; the plane never unpickles

@@ -16,12 +16,12 @@ runs with streaming requests in flight; then:
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
-from remp_checks import reshape, topology
+from remp_checks import model_and_fault_file, reshape, topology
 
+from remp_sglang.integration.faults import STEPS
 from remp_sglang.testing.traffic import Background, Job, run_concurrently
 
 pytestmark = pytest.mark.slow
@@ -34,17 +34,12 @@ LEAVING = [("prepare", 1), ("weights", 1), ("kv", 1), ("teardown", 1), ("world",
            ("model", 0), ("cache_import", 0), ("rebind", 1)]
 # On TP 1 -> 2 the joining rank 1 builds the new world.
 JOINING = [("world", 1), ("model", 1), ("cache_import", 1)]
-STEPS = ("prepare", "weights", "kv", "teardown", "world", "model", "cache_import", "rebind")
 PROMPT = [5 + (i * 13) % 200 for i in range(48)]
 
 
 @pytest.fixture(scope="module")
 def faulty(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model_dir = root / "llama"
-    shutil.copytree(tiny_llama_dir, model_dir)
-    spec = root / "fault"
-    spec.write_text("")
+    model_dir, spec = model_and_fault_file(tiny_llama_dir, tmp_path_factory.mktemp("faults"))
     server = sglang_server_factory(
         model_dir, tp=2,
         extra_args=("--remp", "--remp-reshape-timeout", str(TIMEOUT_S),

@@ -360,18 +360,11 @@ async def _plan_route(request: Request) -> Any:
 
     from remp_sglang.integration.messages import RempPlanReqInput, RempPlanReqOutput
 
-    tokenizer_manager = _tokenizer_manager()
+    tokenizer_manager, body = await _control_request(request)
     if tokenizer_manager is None:
-        return JSONResponse({"error": "server is not ready"}, status_code=503)
+        return body  # the error response
     try:
-        body = await request.json()
-    except ValueError as error:
-        return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
-    config = config_from_env() or RempConfig()
-    try:
-        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
-                                 cpu=tokenizer_manager.server_args.device == "cpu",
-                                 current=(_main_view["tp"], _main_view["pp"]))
+        tp, pp = _requested_layout(tokenizer_manager, body)
     except ValueError as error:
         return JSONResponse({"error": str(error)}, status_code=400)
     if _main_view.get("state") == "reshaping":
@@ -387,16 +380,33 @@ async def _plan_route(request: Request) -> Any:
     return JSONResponse(json.loads(replies[0].report_json))
 
 
-async def _reshape_route(request: Request) -> Any:
+async def _control_request(request: Request) -> tuple[Any, Any]:
+    """(tokenizer manager, JSON body), or (None, the error response)."""
     from fastapi.responses import JSONResponse
 
     tokenizer_manager = _tokenizer_manager()
     if tokenizer_manager is None:
-        return JSONResponse({"error": "server is not ready"}, status_code=503)
+        return None, JSONResponse({"error": "server is not ready"}, status_code=503)
     try:
-        body = await request.json()
+        return tokenizer_manager, await request.json()
     except ValueError as error:
-        return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+        return None, JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+
+
+def _requested_layout(tokenizer_manager: Any, body: Any) -> tuple[int, int]:
+    """(tp, pp) asked for, fields left out kept; ValueError with the reason."""
+    return validate_layout(body, config_from_env() or RempConfig(),
+                           tokenizer_manager.model_config.hf_config,
+                           cpu=tokenizer_manager.server_args.device == "cpu",
+                           current=(_main_view["tp"], _main_view["pp"]))
+
+
+async def _reshape_route(request: Request) -> Any:
+    from fastapi.responses import JSONResponse
+
+    tokenizer_manager, body = await _control_request(request)
+    if tokenizer_manager is None:
+        return body  # the error response
     status, payload = await run_reshape(tokenizer_manager, body)
     return JSONResponse(payload, status_code=status)
 
@@ -418,9 +428,7 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     config = config_from_env() or RempConfig()
     current = (_main_view["tp"], _main_view["pp"])
     try:
-        tp, pp = validate_layout(body, config, tokenizer_manager.model_config.hf_config,
-                                 cpu=tokenizer_manager.server_args.device == "cpu",
-                                 current=current)
+        tp, pp = _requested_layout(tokenizer_manager, body)
     except ValueError as error:
         return 400, {"error": str(error)}
     if _main_view["lock"] is None:
