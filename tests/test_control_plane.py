@@ -244,3 +244,15 @@ def test_the_plane_has_no_port_and_strangers_achieve_nothing(locked, tmp_path):
     assert generate(server, 6) == before
     assert not marker.exists()
     assert all(p.is_running() for p in procs)
+
+
+def test_with_only_an_api_key_the_reshape_takes_it(tiny_llama_dir, sglang_server_factory):
+    """Without --admin-api-key, SGLang's control routes take the API key: so does ours."""
+    server = sglang_server_factory(tiny_llama_dir, tp=1, extra_args=("--remp", "--api-key", USER))
+    try:
+        for key, status in ((None, 401), ("wrong", 401), (ADMIN, 401), (USER, 200)):
+            response = call(server, "POST", "/remp/reshape", key, {"tp": 1})
+            assert response.status_code == status, (key, response.text)
+        assert response.json()["unchanged"]
+    finally:
+        server.shutdown()
