@@ -60,7 +60,7 @@ def main() -> int:
     model_dir = make_tiny_model(args.out / "llama", "llama")
     jobs = make_jobs([ids(8 + 13 * i, i) for i in range(12)], TEXTS, (40, 90, 60, 140), KINDS)
     with launch_sglang_server(model_dir, tp=2, extra_args=("--remp",), log_dir=args.out,
-                              max_total_tokens=2048) as server:
+                              max_total_tokens=4096) as server:
         url, model = server.base_url, str(model_dir)
         print(f"server --remp tp=2 healthy after {server.startup_s:.1f}s; log {server.log_path}")
         reference = {o.job: o.output for o in run_concurrently(url, jobs, model)}
@@ -95,10 +95,13 @@ def main() -> int:
             response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
             end = time.perf_counter()
             report = response.json()
+            # The probe's prefill would delay the decodes like any new request does
+            # without a reshape: it is sent once the streams have resumed.
+            time.sleep(0.5)
             probe_hit = server.generate(probe, 1)["meta_info"]["cached_tokens"]
             rows.append({"n": n, "status": response.status_code, "start": start, "end": end,
                          "probe_cached": probe_hit, **report})
-            time.sleep(1.0)
+            time.sleep(0.5)
         stop.set()
         for t in threads:
             t.join(600)

@@ -5,6 +5,12 @@ world, which SGLang destroys and re-creates on a reshape; so it is a plain torch
 ProcessGroup used through its low-level send/recv (no registration in
 torch.distributed's default-group machinery needed).
 
+Data moves on the device that holds it (`transport_for`): host tensors through the
+gloo group, CUDA tensors through an NCCL group over the same ranks and store, made on
+the first CUDA transfer and kept across SGLang's world rebuilds (gloo has no CUDA
+send/recv, and a host round trip would double the bytes on the PCIe link). Control
+(votes, state broadcast, heartbeats) always stays on gloo and the store.
+
 Agreement does not use the group: each rank writes a vote into the store, rank zero
 alone decides (commit or abort) and writes the decision, every rank follows it. A
 decision is one key written once, so no rank commits while another aborts. Waits are
@@ -24,6 +30,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def transport_for(device: torch.device) -> str:
+    """The backend that moves tensors on `device` without leaving it."""
+    if device.type == "cpu":
+        return "gloo"
+    if device.type == "cuda":
+        return "nccl"
+    raise ValueError(f"device {device}: the migration plane moves cpu and cuda tensors only")
+
+
+@dataclass(frozen=True)
+class DeviceRound:
+    """One coalesced NCCL round of sends and receives (polled, see `Communicator.wait`)."""
+
+    work: Any
 
 
 class MigrationError(RuntimeError):
@@ -79,6 +101,7 @@ class Communicator:
     dirty: bool = False  # a wait was given up on: renew the group before the next use
     _generation: int = field(default=0, repr=False)
     _retired: list = field(default_factory=list, repr=False)
+    _nccl: Any = field(default=None, repr=False)  # the CUDA data group, once made
 
     @property
     def rank(self) -> int:
@@ -178,6 +201,9 @@ class Communicator:
         except RuntimeError:  # a failed transfer may have closed the pairs already
             pass
         self.pg.shutdown()
+        if self._nccl is not None:
+            self._nccl.shutdown()
+            self._nccl = None
         if self.store is None:
             return
         self.store.add("closed", 1)
@@ -192,10 +218,29 @@ class Communicator:
         self._tag += 1
         return self._tag
 
+    def data_group(self, device: torch.device) -> dist.ProcessGroup:
+        """The group that moves tensors on `device` (see `transport_for`)."""
+        if transport_for(device) == "gloo":
+            return self.pg
+        if self._nccl is None:
+            self._nccl = _nccl_group(self.store, f"remp-nccl-{self._generation}", self.rank,
+                                     self.world_size, self.timeout_s, device)
+        return self._nccl
+
     def exchange(
         self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int
     ) -> list:
-        """Post every send and receive at once; per pair the lower rank sends first."""
+        """Post every send and receive at once; per pair the lower rank sends first.
+        On NCCL the round is one coalesced group call (NCCL ignores tags and would
+        otherwise serialise the pairs on its stream)."""
+        tensors = [t for t in (*sends.values(), *recvs.values()) if t.numel()]
+        if not tensors:
+            return []
+        device = tensors[0].device
+        pg = self.data_group(device)
+        nccl = transport_for(device) == "nccl"
+        if nccl:
+            pg._start_coalescing(device)
         works = []
         for peer in sorted(set(sends) | set(recvs)):
             ops = [("send", sends.get(peer)), ("recv", recvs.get(peer))]
@@ -205,10 +250,25 @@ class Communicator:
                 if tensor is None or tensor.numel() == 0:
                     continue
                 if kind == "send":
-                    works.append(self.pg.send([tensor], peer, tag))
+                    works.append(pg.send([tensor], peer, tag))
                 else:
-                    works.append(self.pg.recv([tensor], peer, tag))
+                    works.append(pg.recv([tensor], peer, tag))
+        if nccl:
+            works = [DeviceRound(pg._end_coalescing(device))]
         return works
+
+    def _wait_device(self, rounds: list[DeviceRound], bound: float) -> None:
+        """NCCL: poll until the round's kernels completed, under the same bounds as gloo;
+        a round given up on aborts the NCCL group (its kernels may never finish)."""
+        while not all(r.work.is_completed() for r in rounds):
+            try:
+                self._raise_if_hopeless(bound)
+            except MigrationError:
+                self.dirty = True
+                raise
+            time.sleep(0.0005)
+        for r in rounds:
+            r.work.wait()  # raises a failed round's error; orders the current stream
 
     def wait(self, works: list, deadline: float | None = None) -> None:
         """Wait for `works`, giving up when the reshape's deadline passes, a peer stops
@@ -222,6 +282,8 @@ class Communicator:
         if not works:
             return
         bound = self._bound() if deadline is None else min(self._bound(), _wall(deadline))
+        if isinstance(works[0], DeviceRound):
+            return self._wait_device(works, bound)
         done, errors = threading.Event(), []
 
         def run() -> None:
@@ -270,6 +332,13 @@ class Communicator:
         except Exception:  # a broken group may refuse; it is dropped all the same
             pass
         self._retired.append(old)
+        if self._nccl is not None:  # a given-up round may still hold its kernels: abort
+            try:
+                self._nccl.abort()
+            except Exception:
+                pass
+            self._retired.append(self._nccl)
+            self._nccl = None
         self.dirty = False
 
     def _raise_if_hopeless(self, bound: float) -> None:
@@ -385,6 +454,17 @@ class Communicator:
 
 def _wall(monotonic_deadline: float) -> float:
     return time.time() + (monotonic_deadline - time.monotonic())
+
+
+def _nccl_group(store: Any, prefix: str, rank: int, world_size: int, timeout_s: float,
+                device: torch.device) -> dist.ProcessGroup:
+    """An NCCL group over the plane's store, outside torch.distributed's registry (so
+    SGLang's destroy of its own world leaves it alone). Untested here: no GPU."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    pg = dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, world_size, opts)
+    pg.bound_device_id = device
+    return pg
 
 
 def _gloo_group(store: Any, prefix: str, rank: int, world_size: int,

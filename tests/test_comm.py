@@ -129,3 +129,52 @@ def test_agreement_is_decided_by_rank_zero_and_bounded() -> None:
     assert outs[0]["frozen_s"] < 2.9  # decided on the stall, not after the freeze
     assert "stopped answering" in outs[0]["wait"]
     assert outs[0]["after_renew"] == [1.0] * 4 and outs[1]["after_renew"] == [0.0] * 4
+
+
+def test_data_moves_on_its_device() -> None:
+    """Host tensors go through the gloo group itself; CUDA tensors through NCCL (never a
+    host round trip); anything else is refused by name."""
+    from remp_sglang.comm import transport_for
+
+    assert transport_for(torch.device("cpu")) == "gloo"
+    assert transport_for(torch.device("cuda", 1)) == "nccl"
+    with pytest.raises(ValueError, match="meta"):
+        transport_for(torch.device("meta"))
+    comm = Communicator.gloo("127.0.0.1", _port(), 0, 1, timeout_s=10)
+    try:
+        assert comm.data_group(torch.device("cpu")) is comm.pg
+        assert comm.exchange({}, {}, tag=comm.next_tag()) == []
+    finally:
+        comm.close()
+
+
+def _nccl_rank(rank: int, port: int, errors, results) -> None:
+    try:
+        torch.cuda.set_device(rank)
+        comm = Communicator.gloo("127.0.0.1", port, rank, 2, timeout_s=60)
+        comm.begin(1, time.time() + 60)
+        dev = torch.device("cuda", rank)
+        send = torch.full((1 << 20,), rank + 1, dtype=torch.uint8, device=dev)
+        recv = torch.empty_like(send)
+        comm.wait(comm.exchange({1 - rank: send}, {1 - rank: recv}, tag=comm.next_tag()))
+        results.put((rank, int(recv.float().mean().item()),
+                     comm.data_group(dev) is not comm.pg))
+        comm.end()
+        comm.close()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL p2p needs two GPUs")
+def test_cuda_exchange_goes_through_nccl() -> None:
+    ctx = mp.get_context("spawn")
+    errors, results = ctx.Queue(), ctx.Queue()
+    port = _port()
+    procs = [ctx.Process(target=_nccl_rank, args=(r, port, errors, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert errors.empty(), errors.get()
+    got = dict((r, (v, nccl)) for r, v, nccl in (results.get() for _ in range(2)))
+    assert got == {0: (2, True), 1: (1, True)}

@@ -48,10 +48,9 @@ def drop_weights(model_dir: Path) -> None:
 def llama(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
     model_dir = copy_model(tiny_llama_dir, tmp_path_factory.mktemp("remp") / "llama")
     reference = transformers_greedy(model_dir)
-    # 1024 KV slots at TP 2 (one KV head per rank): the same per-rank KV memory holds
-    # 512 slots at TP 1 (both heads on one rank), so capacity and limits follow the layout.
+    # 2048 KV slots at TP 2: see CAPACITY for what each layout holds.
     server = sglang_server_factory(model_dir, tp=2, extra_args=("--remp",),
-                                   env={"REMP_DEBUG_ROUTES": "1"}, max_total_tokens=1024)
+                                   env={"REMP_DEBUG_ROUTES": "1"}, max_total_tokens=2048)
     drop_weights(model_dir)
     yield server, reference
     server.shutdown()
@@ -96,6 +95,7 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
         assert report["weight_bytes_moved"] > 0
         assert report["downtime_s"] > 0 and set(report["phases"]) >= {"weights_s", "kv_s"}
+        assert report["transport"] == "gloo"  # CPU pools move through gloo, on the host
         switch = f"{old['tp']}x{old['pp']}->{tp}x{pp}"
         after = digest(server)
         # every active rank holds one model: the one it replaced was freed
@@ -121,7 +121,11 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         check_greedy(server, reference)
 
 
-CAPACITY = {(2, 1): 1024, (1, 2): 1024, (1, 1): 512}
+# Each rank's launch budget is its weights (395,520 B at TP 2) plus 2048 slots of 512 B
+# (one KV head of 4 layers, float32). TP 1 holds 788,736 B of weights and 1,024 B per
+# slot: (395,520 + 2048 x 512 - 788,736) / 1024 = 640 slots. TP1 PP2: rank 0 holds the
+# embedding and an lm_head (492,544 B), 512 B per slot: 1858.
+CAPACITY = {(2, 1): 2048, (1, 2): 1858, (1, 1): 640}
 
 
 def test_plan_is_a_dry_run_that_predicts_the_reshape(llama):
@@ -158,8 +162,8 @@ def test_capacity_and_prompt_limits_follow_the_layout(llama):
     if topology(server)["tp"] != 2:
         reshape(server, 2, 1)
     long_prompt = [5 + (i % 300) for i in range(700)]
-    assert len(server.generate(long_prompt, 1)["output_ids"]) == 1  # fits 1024 slots
-    for (tp, pp), capacity in ((1, 1), 512), ((2, 1), 1024), ((1, 1), 512):
+    assert len(server.generate(long_prompt, 1)["output_ids"]) == 1  # fits TP 2's slots
+    for (tp, pp), capacity in ((1, 1), 640), ((2, 1), 2048), ((1, 1), 640):
         # Cached KV beyond the new capacity is evicted (LRU), never refused.
         report = reshape(server, tp, pp)
         assert report["kv_capacity_tokens"] == capacity
@@ -170,7 +174,7 @@ def test_capacity_and_prompt_limits_follow_the_layout(llama):
         assert info["max_req_input_len"] == report["max_req_input_len"] < capacity
         response = server.post("/generate", {"input_ids": long_prompt,
                                              "sampling_params": {"max_new_tokens": 1}})
-        if capacity == 512:  # SGLang's own length check, against the new limit
+        if capacity < len(long_prompt):  # SGLang's own length check, against the new limit
             assert "exceeds the maximum allowed length" in response.text, response.text
         else:
             assert response.status_code == 200, response.text

@@ -20,7 +20,10 @@ from remp_sglang.testing.traffic import KINDS, Background, Job, make_jobs, run_c
 
 pytestmark = pytest.mark.slow
 
-CAPACITY_TP2 = 2048  # slots at TP 2; the same per-rank KV memory holds 1024 at TP 1
+CAPACITY_TP2 = 4096  # slots at TP 2
+# Each rank's budget at launch (its weights, 395,520 B, plus 4096 slots of 512 B) less
+# TP 1's weights (788,736 B), in TP 1's 1,024-B slots (remp_sglang.memory).
+CAPACITY_TP1 = 1664
 TEXTS = ("Tell me a story about a fox.", "List three colours", "def main():",
          "The weather today is", "Once upon a time", "Q: what is 2+2? A:")
 
@@ -116,7 +119,7 @@ def test_smaller_layout_evicts_lru_prefixes_and_keeps_running_requests(busy):
     if topology(server)["tp"] != 2 or topology(server)["pp"] != 1:
         reshape(server, 2, 1)
     server.flush_cache()
-    prompts = [ids(150, 200 + i) for i in range(12)]  # 1800 cached tokens > 1024
+    prompts = [ids(150, 200 + i) for i in range(12)]  # 1800 cached tokens > 1664
     for prompt in prompts:
         server.generate(prompt, 1)
     running = Job("generate_stream", tuple(ids(30, 7)), "", 150)
@@ -126,8 +129,8 @@ def test_smaller_layout_evicts_lru_prefixes_and_keeps_running_requests(busy):
     report = reshape(server, 1, 1)
     got = traffic.wait()[0]
     assert got.error is None and got.output == want.output
-    assert report["kv_capacity_tokens"] == CAPACITY_TP2 // 2
-    assert report["cached_tokens_evicted"] >= 1800 - CAPACITY_TP2 // 2
+    assert report["kv_capacity_tokens"] == CAPACITY_TP1
+    assert report["cached_tokens_evicted"] >= 1800 - CAPACITY_TP1
     assert cached_tokens(server, prompts[-1]) >= 149  # most recently used: kept
     assert cached_tokens(server, prompts[0]) < 10  # least recently used: evicted
 
@@ -137,12 +140,12 @@ def test_live_kv_that_cannot_fit_is_refused_before_anything_moves(busy):
     if topology(server)["tp"] != 2 or topology(server)["pp"] != 1:
         reshape(server, 2, 1)
     server.flush_cache()
-    # Two running requests whose KV together exceeds TP 1's 1024 slots.
-    jobs = [Job("generate", tuple(ids(560, 300 + i)), "", 120) for i in range(2)]
+    # Four running requests whose KV together exceeds TP 1's 1664 slots.
+    jobs = [Job("generate", tuple(ids(500, 300 + i)), "", 200) for i in range(4)]
     reference = run_concurrently(server.base_url, jobs, model)
     server.flush_cache()
     traffic = Background(server.base_url, jobs, model)
-    time.sleep(1.5)
+    time.sleep(3.0)  # every prompt prefilled (64-token chunks), all still decoding
     refused = server.post("/remp/reshape", {"tp": 1, "pp": 1}, timeout=600)
     assert refused.status_code == 409, refused.text
     assert "do not fit" in refused.json()["error"], refused.text

@@ -182,6 +182,10 @@ def _enable_subprocess(config: RempConfig) -> None:
              HookType.AFTER),
             ("Scheduler.pause_generation", hooks.around_pause_generation, HookType.AROUND),
             ("Scheduler.on_idle", hooks.around_on_idle, HookType.AROUND),
+            ("Scheduler.process_batch_result", hooks.after_process_batch_result,
+             HookType.AFTER),
+            ("Scheduler.is_disable_overlap_for_batch",
+             hooks.around_is_disable_overlap_for_batch, HookType.AROUND),
             ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)

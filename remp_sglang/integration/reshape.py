@@ -32,8 +32,9 @@ from typing import Any
 import msgspec
 import torch
 
-from remp_sglang.comm import Communicator, MigrationError
+from remp_sglang.comm import Communicator, MigrationError, transport_for
 from remp_sglang.engine import CapacityError, KVPool, migrate_kv, reshard_weights
+from remp_sglang.memory import kv_capacity
 from remp_sglang.predict import DowntimeModel, predict_transfer
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
@@ -101,7 +102,7 @@ class RempRuntime:
     store: Any
     decoder: DenseDecoder
     pool_size: int  # KV slots now (SGLang's max_total_num_tokens)
-    kv_budget_bytes: int  # per-rank KV bytes SGLang gave the pool at launch
+    budgets: list[int]  # per launched rank: the weights and KV pool SGLang reserved at launch
     token_cap: int | None  # --max-total-tokens, if set
     dtype: torch.dtype  # parameters (identical on every rank, captured at start-up)
     kv_dtype: torch.dtype  # the pool's logical dtype (what attention reads)
@@ -117,28 +118,28 @@ class RempRuntime:
     pp_retract: bool = False  # PP: a pause_generation(retract) waiting for quiescence
     settled_last: Any = None  # overlap: a batch whose result a failed reshape processed
     deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
+    reply: Any = None  # rank zero: that reply, sent once the first step's tokens are out
+    flush_first: bool = False  # overlap: the loop's first batch streams before the second runs
     downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero
     runners: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # leak checks
     staging: torch.Tensor | None = None
 
     def capacity_for(self, topo: Topology) -> int:
-        """KV slots of `topo`: what the launch's per-rank KV memory holds at that layout
-        (TP down means more heads per slot, so fewer slots), capped by --max-total-tokens."""
-        shape = kv_shape_of(self.decoder.shape, self.kv_store_dtype)
-        slots = self.kv_budget_bytes // kv_cell_bytes(shape, topo)
-        return min(slots, self.token_cap) if self.token_cap else slots
+        """KV slots of `topo` under each rank's launch budget (`remp_sglang.memory`):
+        CapacityError if its weights alone would not fit some rank."""
+        try:
+            return kv_capacity(self.budgets, self.decoder,
+                               kv_shape_of(self.decoder.shape, self.kv_store_dtype), topo,
+                               _element_size(self.dtype), self.token_cap)
+        except ValueError as error:
+            raise CapacityError(str(error)) from error
 
-    def staging_buffer(self) -> torch.Tensor:
-        if self.staging is None:
-            self.staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+    def staging_buffer(self, device: torch.device) -> torch.Tensor:
+        """The bounded staging area, on the pools' device (packing and the transfer
+        never leave it: NCCL there, gloo on CPU)."""
+        if self.staging is None or self.staging.device != device:
+            self.staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, device=device)
         return self.staging
-
-
-def kv_cell_bytes(shape: Any, topo: Topology) -> int:
-    """Bytes of one KV slot on the busiest rank of `topo` (most layers; heads are even)."""
-    layers = max(len(topo.layer_range(r, shape.num_layers)) for r in topo.active_ranks)
-    heads = len(topo.kv_head_range(0, shape.num_kv_heads))
-    return layers * heads * shape.kv_bytes_per_token_per_layer_head
 
 
 def order_key(epoch: int) -> str:
@@ -234,11 +235,12 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     # 1-3: everything that can fail runs while the old world still serves.
     old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
     encoded: bytes | None = None
-    new_size = rt.capacity_for(new)
+    new_size = 0
     error: BaseException | None = None
     carried, evicted, chunked = 0, 0, False
     try:
         new.check_model(rt.decoder.shape)
+        new_size = rt.capacity_for(new)
         if was_active:  # every old-active rank alike: their replicated state stays equal
             reqs = kv_requests(sched)
             if any(not old.is_active(r) for r in new.active_ranks):
@@ -275,7 +277,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         step, t = "weights", time.perf_counter()
         weights = reshard_weights(rt.ctrl, old, new, rt.decoder, old_params, dtype=rt.dtype,
                                   device=device, staging_bytes=STAGING_BYTES,
-                                  staging=rt.staging_buffer(),
+                                  staging=rt.staging_buffer(device),
                                   fault=lambda at, r: fault(step) if at == "gather" else None)
         times["weights_s"] = time.perf_counter() - t
 
@@ -287,7 +289,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         live = torch.tensor(state.slots, dtype=torch.int64)
         kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
                         dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
-                        staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(),
+                        staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(device),
                         fault=lambda at, r: fault(step) if at == "gather" else None)
         times["kv_s"] = time.perf_counter() - t
     except Exception as exc:  # agreed on (or bounded by the deadline on every rank)
@@ -360,6 +362,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "kv_bytes_moved": sum(i[0] for i in infos),
         "weight_bytes_moved": sum(i[1] for i in infos),
         "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": int(live.numel()),
+        "transport": transport_for(device),
         "kv_capacity_tokens": new_size, "kv_slots_compacted": kv.compacted,
         "max_req_input_len": getattr(sched, "max_req_input_len", None),
         "cached_tokens_before": state.cached_tokens,
@@ -392,13 +395,14 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
     rank), evict and refuse, the capacity after, and the downtime model's prediction.
     Changes nothing."""
     old = rt.topology
-    size = rt.capacity_for(new)
+    size = 0
     alloc = sched.token_to_kv_pool_allocator
     live = int(alloc.size) - int(alloc.available_size())
     reqs = kv_requests(sched)
     refused, evict = None, 0
     try:
         new.check_model(rt.decoder.shape)
+        size = rt.capacity_for(new)
         if any(not old.is_active(r) for r in new.active_ranks):
             check_joinable(sched, reqs)
         evict = max(0, room_needed(sched, reqs, size))
@@ -467,6 +471,10 @@ def kv_dtypes(pool: Any) -> tuple[torch.dtype, torch.dtype]:
     moved in the storage one."""
     store = pool.k_buffer[0].dtype
     return getattr(pool, "dtype", store), store
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 def kv_shape_of(shape: ModelShape, kv_dtype: torch.dtype) -> ModelShape:

@@ -26,6 +26,7 @@ import torch
 
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.engine import CapacityError
+from remp_sglang.memory import launch_budgets
 from remp_sglang.topology import Topology
 
 from .cache_state import kv_digest
@@ -37,7 +38,6 @@ from .reshape import (
     ReshapeFailed,
     ReshapeOrder,
     execute,
-    kv_cell_bytes,
     kv_dtypes,
     kv_shape_of,
     launch_cpus,
@@ -86,10 +86,11 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         logger.warning("remp: reshapes disabled for this model: %s", error)
     launch = Topology(config.launch_tp, config.launch_pp, world)
     kv_dtype, kv_store_dtype = kv_dtypes(pool)
-    budget = 0
+    budgets: list[int] = []
     if decoder is not None:
-        budget = int(scheduler.max_total_num_tokens) * kv_cell_bytes(
-            kv_shape_of(decoder.shape, kv_store_dtype), launch)
+        budgets = launch_budgets(decoder, kv_shape_of(decoder.shape, kv_store_dtype), launch,
+                                 int(scheduler.max_total_num_tokens),
+                                 torch.empty(0, dtype=dtype).element_size())
     scheduler._remp = RempRuntime(
         launch_rank=rank,
         topology=launch,
@@ -97,7 +98,7 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         store=ctrl.store,
         decoder=decoder,
         pool_size=int(scheduler.max_total_num_tokens),
-        kv_budget_bytes=budget,
+        budgets=budgets,
         token_cap=scheduler.server_args.max_total_tokens,
         dtype=dtype,
         kv_dtype=kv_dtype,
@@ -126,6 +127,7 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
             order = wait_for_order(rt)
             _run(scheduler, rt, order, recv_req=None)
             continue
+        rt.flush_first = True
         try:
             return original(scheduler)
         except RempLoopRestart:
@@ -254,7 +256,15 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
     if rt is None:
         return original(scheduler, running_batch, last_batch)
     if rt.deferred is not None:  # the first step on the new layout starts here
-        _answer(scheduler, rt)
+        _first_step(rt)
+    plan = _next_batch(original, scheduler, rt, running_batch, last_batch)
+    if rt.reply is not None and plan.batch_to_run is None:  # nothing to run: answer now
+        _send_reply(scheduler, rt)
+    return plan
+
+
+def _next_batch(original: Any, scheduler: Any, rt: RempRuntime, running_batch: Any,
+                last_batch: Any) -> Any:
     if rt.settled_last is not None:  # a batch settled for a reshape that did not happen
         last_batch, rt.settled_last = rt.settled_last, None
     if rt.pending is None and rt.topology.pp > 1 and rt.pp_retract:
@@ -270,6 +280,18 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
     _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
     last_batch, rt.settled_last = rt.settled_last, None
     return original(scheduler, scheduler.running_batch, last_batch)
+
+
+def around_is_disable_overlap_for_batch(original: Any, scheduler: Any, batch: Any,
+                                        last_batch: Any = None) -> Any:
+    """The overlap loop streams a batch's tokens only after the next batch has run. For
+    the first batch on a new layout that would add a whole step to the pause every
+    streaming client sees; its result is processed before the second batch runs."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.flush_first and last_batch is not None:
+        rt.flush_first = False
+        return True
+    return original(scheduler, batch, last_batch=last_batch)
 
 
 def around_pause_generation(original: Any, scheduler: Any, recv_req: Any) -> Any:
@@ -317,7 +339,8 @@ def around_paused_state(original: Any, scheduler: Any) -> Any:
     """While generation is paused the loop never schedules: reshape from here."""
     rt = runtime(scheduler)
     if rt is not None and rt.deferred is not None:
-        _answer(scheduler, rt)
+        _first_step(rt)
+        _send_reply(scheduler, rt)
     if rt is not None and rt.pending is not None and rt.topology.pp == 1:
         _step_boundary(scheduler, rt)
     return original(scheduler)
@@ -352,7 +375,7 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
         if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
             report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
         if recv_req is not None and rt.launch_rank == 0:
-            # Answered when the new layout's first step starts (`_answer`): the
+            # The downtime ends when the new layout's first step starts (`_first_step`): it
             # downtime then covers everything up to it, the loop's restart included.
             rt.deferred = (report, recv_req, t_boundary, time.perf_counter())
             return True
@@ -376,8 +399,10 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
     return restart
 
 
-def _answer(scheduler: Any, rt: RempRuntime) -> None:
-    """Reply to a reshape whose new layout is about to run its first step."""
+def _first_step(rt: RempRuntime) -> None:
+    """The new layout's first step starts: the downtime ends here. The reply waits for
+    that step's tokens (`_send_reply`), so that the clients' streams resume before the
+    front end turns to the reshape's answer."""
     from .messages import RempReshapeReqOutput
 
     report, recv_req, t_boundary, t_done = rt.deferred
@@ -388,8 +413,22 @@ def _answer(scheduler: Any, rt: RempRuntime) -> None:
     phases = report["phases"]
     rt.downtime_model.observe(report["max_rank_bytes"], phases["weights_s"] + phases["kv_s"],
                               report["downtime_s"])
-    scheduler.send_control_output(RempReshapeReqOutput(
-        report_json=json.dumps(report), nonce=recv_req.nonce), recv_req)
+    rt.reply = (RempReshapeReqOutput(report_json=json.dumps(report), nonce=recv_req.nonce),
+                recv_req)
+
+
+def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
+    out, recv_req = rt.reply
+    rt.reply = None
+    scheduler.send_control_output(out, recv_req)
+
+
+def after_process_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """The first batch on a new layout has streamed its tokens: answer the reshape."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.reply is not None:
+        _send_reply(scheduler, rt)
+    return None
 
 
 def _caused_by(error: BaseException, kind: type) -> bool:

@@ -1,0 +1,84 @@
+"""The per-rank memory budget: a layout's KV capacity is what each rank reserved at
+launch (weights + pool) leaves after that layout's weights (exhaustive over layouts)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from remp_sglang.memory import kv_capacity, kv_slot_bytes, launch_budgets, weight_bytes
+from remp_sglang.topology import ModelShape, Topology
+from remp_sglang.weights import DenseDecoder, dense_decoder_params
+
+MODELS = {
+    "mha": DenseDecoder(ModelShape(4, 4, 4, 8, dtype_bytes=4), 32, 48, 100),
+    "gqa": DenseDecoder(ModelShape(6, 8, 2, 16, dtype_bytes=2), 128, 256, 1000,
+                        lm_head_on_every_stage=True),
+}
+
+
+def layouts(world: int, shape: ModelShape) -> list[Topology]:
+    out = []
+    for tp, pp in itertools.product(range(1, world + 1), repeat=2):
+        if tp * pp > world:
+            continue
+        topo = Topology(tp, pp, world)
+        try:
+            topo.check_model(shape)
+        except ValueError:
+            continue
+        out.append(topo)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_rank_holds_the_whole_model(name):
+    model = MODELS[name]
+    full = sum(math.prod(s.shape) for s in dense_decoder_params(model)) * 4
+    assert weight_bytes(model, Topology(1, 1, 2), 0, 4) >= full  # vocab padded to 64
+    assert weight_bytes(model, Topology(1, 1, 2), 1, 4) == 0  # parked
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_capacity_fits_every_rank_and_is_the_most_that_does(name, world):
+    model = MODELS[name]
+    kv, wb = model.shape, 2
+    for launch in [t for t in layouts(world, kv) if t.num_active == world]:
+        for slots in (64, 1000):
+            budgets = launch_budgets(model, kv, launch, slots, wb)
+            assert kv_capacity(budgets, model, kv, launch, wb) == slots  # launch round trip
+            for topo in layouts(world, kv):
+                try:
+                    cap = kv_capacity(budgets, model, kv, topo, wb)
+                except ValueError as error:  # weights alone over some rank's budget
+                    assert "reserved at launch" in str(error)
+                    assert any(weight_bytes(model, topo, r, wb) >= budgets[r]
+                               for r in topo.active_ranks)
+                    continue
+                use = {r: weight_bytes(model, topo, r, wb) + cap * kv_slot_bytes(kv, topo, r)
+                       for r in topo.active_ranks}
+                assert all(use[r] <= budgets[r] for r in use), (launch, topo)
+                assert any(use[r] + kv_slot_bytes(kv, topo, r) > budgets[r] for r in use)
+                assert kv_capacity(budgets, model, kv, topo, wb, token_cap=10) == min(cap, 10)
+
+
+def test_fewer_ranks_hold_fewer_tokens_than_the_kv_bytes_alone_would():
+    """TP 2 -> 1 doubles each slot's bytes AND the rank's weights: the old rule
+    (launch KV bytes / new slot size) would overrun the budget by the added weights."""
+    model, kv = MODELS["mha"], MODELS["mha"].shape
+    launch, tp1 = Topology(2, 1, 2), Topology(1, 1, 2)
+    budgets = launch_budgets(model, kv, launch, 1000, 4)
+    kv_only = 1000 * kv_slot_bytes(kv, launch, 0) // kv_slot_bytes(kv, tp1, 0)
+    cap = kv_capacity(budgets, model, kv, tp1, 4)
+    added = weight_bytes(model, tp1, 0, 4) - weight_bytes(model, launch, 0, 4)
+    assert cap == kv_only - -(-added // kv_slot_bytes(kv, tp1, 0))
+
+
+def test_weights_over_the_budget_are_refused_by_rank():
+    model, kv = MODELS["gqa"], MODELS["gqa"].shape
+    budgets = launch_budgets(model, kv, Topology(4, 1, 4), 1, 2)
+    with pytest.raises(ValueError, match="rank 0 would hold"):
+        kv_capacity(budgets, model, kv, Topology(1, 1, 4), 2)
