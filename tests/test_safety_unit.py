@@ -8,10 +8,11 @@ import time
 from types import SimpleNamespace
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 
-from remp_sglang.integration.cache_state import CachedPath, CacheState, decode_state, encode_state
+from remp_sglang.integration.cache_state import CacheState, decode_state, encode_state
 from remp_sglang.integration.config import (
     ENV_ANY_VERSION,
     UNSUPPORTED_OPTIONS,
@@ -62,20 +63,38 @@ def test_orders_are_plain_validated_data() -> None:
                             b'"deadline":0}', type=ReshapeOrder)
 
 
+def _state(**fields) -> CacheState:
+    def a(*v):
+        return np.array(v, dtype=np.int64)
+
+    base = dict(parents=a(-1, 0), lengths=a(2, 1), tokens=a(1, 2, 3), slots=a(4, 5, 6),
+                leaf_order=a(1), node_keys=a(0, 0), keys=[(None, "salt")], free_pages=a(1, 2),
+                release_pages=a(), free_request_slots=[0, 1])
+    return CacheState(**{**base, **fields})
+
+
 def test_cache_state_round_trip_and_rejections() -> None:
     record = RequestRecord("r1", b"\x00\x01msgpack", [7, 8], 16, -1, 0, True)
-    state = CacheState([CachedPath([1, 2, 3], [4, 5, 6], None, "salt")], [1, 2], [], [0, 1],
-                       [record], engine_paused=True)
+    state = _state(requests=[record], engine_paused=True)
     data = encode_state(state)
     assert b"pickle" not in data and data.startswith(b"{")
-    assert decode_state(data, pool_size=10) == state
+    back = decode_state(data, pool_size=10)
+    assert encode_state(back) == data and back.requests == [record] and back.engine_paused
+    assert [(t.tolist(), s.tolist(), k) for t, s, k in back.leaf_paths()] == \
+        [([1, 2, 3], [4, 5, 6], (None, "salt"))]
     with pytest.raises(ValueError, match="outside the pool"):
         decode_state(data, pool_size=5)
     with pytest.raises(ValueError, match="malformed"):
-        decode_state(data.replace(b'"tokens":[1,2,3]', b'"tokens":"123"'), pool_size=10)
-    bad = CacheState([CachedPath([1, 2], [4, 5, 6], None, None)], [], [], [])
-    with pytest.raises(ValueError, match="differ in length"):
-        decode_state(encode_state(bad), pool_size=10)
+        decode_state(data.replace(b'"parents":"', b'"parents":7,"x":"'), pool_size=10)
+    for bad, reason in (
+        (dict(lengths=np.array([2, 2])), "do not add up"),
+        (dict(slots=np.array([4, 5])), "differ in length"),
+        (dict(parents=np.array([1, -1])), "come before"),
+        (dict(leaf_order=np.array([0])), "not a leaf"),
+        (dict(node_keys=np.array([0, 3])), "key index"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            decode_state(encode_state(_state(**bad)), pool_size=10)
 
 
 def test_kv_pool_logical_dtype_is_kept_for_fp8() -> None:

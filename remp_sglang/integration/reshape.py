@@ -254,7 +254,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             exported.requests = export_requests(sched)
             exported.engine_paused = bool(getattr(sched, "_engine_paused", False))
             exported.new_token_ratio = float(sched.new_token_ratio_tracker.current)
-            if exported.slots != live_slots(sched).tolist():
+            if not torch.equal(torch.from_numpy(exported.live_slots), live_slots(sched)):
                 raise MigrationError("KV slots are held outside the radix tree after the "
                                      "running requests were checkpointed")
             encoded = encode_state(exported)
@@ -286,7 +286,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         new_kv = None
         if new_pool_obj is not None:
             new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
-        live = torch.tensor(state.slots, dtype=torch.int64)
+        live = torch.from_numpy(state.live_slots)
         kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
                         dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
                         staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(device),
@@ -297,8 +297,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     del old_pool
     new_state = state
     if kv.compacted or new_size != rt.pool_size:  # slots moved, or the free list changes
-        new_state = state.remap(dict(zip(live.tolist(), kv.new_slots.tolist(), strict=True)),
-                                new_size)
+        new_state = state.remap(live.numpy(), kv.new_slots.cpu().numpy(), new_size)
 
     # 4-5: the old world goes away and the new one is built. A failure anywhere here is
     # agreed on, and every rank rebuilds the old world from what it kept: its weights,
