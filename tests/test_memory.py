@@ -82,3 +82,23 @@ def test_weights_over_the_budget_are_refused_by_rank():
     budgets = launch_budgets(model, kv, Topology(4, 1, 4), 1, 2)
     with pytest.raises(ValueError, match="rank 0 would hold"):
         kv_capacity(budgets, model, kv, Topology(1, 1, 4), 2)
+
+
+def test_the_server_refuses_a_layout_whose_weights_do_not_fit():
+    """The scheduler's capacity check turns the rule's refusal into a CapacityError,
+    which the reshape answers with 409 before anything moves (the plan reports it)."""
+    import torch
+
+    from remp_sglang.engine import CapacityError
+    from remp_sglang.integration.reshape import RempRuntime
+
+    model = MODELS["mha"]
+    launch = Topology(2, 1, 2)
+    rt = RempRuntime(launch_rank=0, topology=launch, ctrl=None, store=None, decoder=model,
+                     pool_size=100, budgets=launch_budgets(model, model.shape, launch, 100, 4),
+                     token_cap=None, dtype=torch.float32, kv_dtype=torch.float32,
+                     kv_store_dtype=torch.float32, launch_overlap=True,
+                     launch_cpus=[{0}, {1}], reshape_timeout_s=60)
+    assert rt.capacity_for(launch) == 100
+    with pytest.raises(CapacityError, match="rank 0 would hold"):
+        rt.capacity_for(Topology(1, 1, 2))
