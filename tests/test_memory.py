@@ -102,3 +102,35 @@ def test_the_server_refuses_a_layout_whose_weights_do_not_fit():
     assert rt.capacity_for(launch) == 100
     with pytest.raises(CapacityError, match="rank 0 would hold"):
         rt.capacity_for(Topology(1, 1, 2))
+
+
+def test_a_rebuilt_model_allocates_no_parameters_of_its_own():
+    """Under `weights_from_memory` every parameter a model build creates is on the meta
+    device (no second weight set beside the re-sharded one); adoption makes it the
+    engine's tensor in place: same object, class and attributes, no copy."""
+    import torch
+
+    from remp_sglang.integration.model_state import adopt, weights_from_memory
+
+    class Loaded(torch.nn.Parameter):  # like SGLang's parameter classes
+        def __new__(cls, data, **kwargs):
+            return super().__new__(cls, data=data, requires_grad=False)
+
+        def __init__(self, data, weight_loader=None):
+            self.weight_loader = weight_loader
+
+    shards = {"proj.weight": torch.randn(64, 32), "proj.bias": torch.randn(64)}
+    with weights_from_memory(shards):
+        model = torch.nn.Module()
+        model.proj = torch.nn.Linear(32, 64)
+        model.proj.weight = Loaded(torch.empty(64, 32), weight_loader="loader")
+        assert all(p.device.type == "meta" for p in model.parameters())
+        kept = model.proj.weight
+        for name, param in model.named_parameters():
+            adopt(param, shards[name])
+    assert torch.nn.Parameter(torch.zeros(1)).device.type == "cpu"  # patch undone
+    assert model.proj.weight is kept and type(kept) is Loaded
+    assert kept.weight_loader == "loader"
+    assert all(p.data_ptr() == shards[n].data_ptr() for n, p in model.named_parameters())
+    out = model.proj(torch.ones(1, 32))
+    assert torch.allclose(out, torch.ones(1, 32) @ shards["proj.weight"].T + shards["proj.bias"])

@@ -6,6 +6,9 @@
   before anything moves.
 - `weights_from_memory` makes SGLang's loader fill a freshly built model from re-sharded
   tensors instead of the checkpoint (an AROUND hook on `DefaultModelLoader.load_weights_only`).
+  While it is active the model is built without parameter memory: each parameter SGLang
+  creates is put on the meta device at once (its empty allocation freed), so the build
+  never holds a second weight set beside the re-sharded one.
 """
 
 from __future__ import annotations
@@ -73,13 +76,32 @@ def local_params(
 
 @contextlib.contextmanager
 def weights_from_memory(shards: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """While active, a model SGLang builds takes its parameters from `shards`."""
+    """While active, a model SGLang builds takes its parameters from `shards`, and the
+    parameters it creates hold no memory until then (meta device)."""
     global _pending_shards
+    original = torch.nn.Parameter.__new__
+
+    def on_meta(cls, data=None, requires_grad=True):
+        if data is not None and data.device.type != "meta":
+            data = torch.empty_like(data, device="meta")  # the allocation is freed here
+        return original(cls, data, requires_grad)
+
     _pending_shards = shards
+    torch.nn.Parameter.__new__ = on_meta
     try:
         yield
     finally:
+        torch.nn.Parameter.__new__ = original
         _pending_shards = None
+
+
+def adopt(param: torch.nn.Parameter, shard: torch.Tensor) -> None:
+    """`param` (on meta) becomes `shard` in place: same object, class and attributes (the
+    model's modules keep referring to it), the engine's storage (no copy)."""
+    attrs = dict(vars(param))
+    real = torch.Tensor._make_subclass(type(param), shard, param.requires_grad)
+    torch.utils.swap_tensors(param, real)
+    vars(param).update(attrs)
 
 
 def around_load_weights_only(original, model, weights, target_device):
@@ -94,9 +116,9 @@ def around_load_weights_only(original, model, weights, target_device):
         )
     for name, param in params.items():
         shard = _pending_shards[name]
-        if (param.shape, param.dtype, param.device) != (shard.shape, shard.dtype, shard.device):
+        if (param.shape, param.dtype) != (shard.shape, shard.dtype):
             raise ValueError(f"{name}: rebuilt {list(param.shape)} {param.dtype} vs "
                              f"re-sharded {list(shard.shape)} {shard.dtype}")
-        param.data = shard  # adopt the engine's tensor: no copy, no second allocation
+        adopt(param, shard)
     # The checkpoint iterator `weights` is a lazy generator: never iterated, no disk read.
     return None
