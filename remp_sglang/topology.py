@@ -156,3 +156,18 @@ def tp_kv_head_range(num_kv_heads: int, tp_rank: int, tp: int) -> range:
         return range(head, head + 1)
     per = num_kv_heads // tp
     return range(tp_rank * per, (tp_rank + 1) * per)
+
+
+def layouts(world_size: int, shape: ModelShape) -> list[Topology]:
+    """Every (tp, pp) layout of at most `world_size` ranks that can run `shape`, by tp
+    then pp (the candidates of a reshape, a plan or a policy)."""
+    out = []
+    for tp in range(1, world_size + 1):
+        for pp in range(1, world_size // tp + 1):
+            topo = Topology(tp, pp, world_size)
+            try:
+                topo.check_model(shape)
+            except ValueError:
+                continue
+            out.append(topo)
+    return out

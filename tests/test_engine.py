@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.engine import KVPool, migrate_kv, remap_slots, reshard_weights
 from remp_sglang.predict import predict_transfer
-from remp_sglang.topology import ModelShape, Topology
+from remp_sglang.topology import ModelShape, Topology, layouts
 from remp_sglang.weights import (
     DenseDecoder,
     dense_decoder_params,
@@ -41,18 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def layouts(world: int, shape: ModelShape) -> list[Topology]:
-    out = []
-    for tp, pp in itertools.product(range(1, world + 1), repeat=2):
-        if tp * pp <= world:
-            try:
-                Topology(tp, pp, world).check_model(shape)
-                out.append(Topology(tp, pp, world))
-            except ValueError:
-                pass
-    return out
 
 
 def full_pool(shape: ModelShape, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

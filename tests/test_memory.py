@@ -3,13 +3,12 @@ launch (weights + pool) leaves after that layout's weights (exhaustive over layo
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 
 from remp_sglang.memory import kv_capacity, kv_slot_bytes, launch_budgets, weight_bytes
-from remp_sglang.topology import ModelShape, Topology
+from remp_sglang.topology import ModelShape, Topology, layouts
 from remp_sglang.weights import DenseDecoder, dense_decoder_params
 
 MODELS = {
@@ -17,20 +16,6 @@ MODELS = {
     "gqa": DenseDecoder(ModelShape(6, 8, 2, 16, dtype_bytes=2), 128, 256, 1000,
                         lm_head_on_every_stage=True),
 }
-
-
-def layouts(world: int, shape: ModelShape) -> list[Topology]:
-    out = []
-    for tp, pp in itertools.product(range(1, world + 1), repeat=2):
-        if tp * pp > world:
-            continue
-        topo = Topology(tp, pp, world)
-        try:
-            topo.check_model(shape)
-        except ValueError:
-            continue
-        out.append(topo)
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from remp_sglang.planner import KVPlan, Segment, cover, plan_kv
-from remp_sglang.topology import ModelShape, Topology, pp_layer_range, tp_kv_head_range
+from remp_sglang.topology import (
+    ModelShape,
+    Topology,
+    layouts,
+    pp_layer_range,
+    tp_kv_head_range,
+)
 from remp_sglang.weights import (
     DenseDecoder,
     dense_decoder_params,
@@ -26,19 +32,6 @@ SHAPES = {
     "mqa_odd_layers": ModelShape(num_layers=7, num_heads=4, num_kv_heads=1, head_dim=8),
     "gqa4_3layers": ModelShape(num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8),
 }
-
-
-def layouts(world: int, shape: ModelShape) -> list[Topology]:
-    out = []
-    for tp in range(1, world + 1):
-        for pp in range(1, world // tp + 1):
-            topo = Topology(tp, pp, world)
-            try:
-                topo.check_model(shape)
-            except ValueError:
-                continue
-            out.append(topo)
-    return out
 
 
 def all_pairs():
