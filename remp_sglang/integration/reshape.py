@@ -519,6 +519,8 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
         # Reference counting frees them now; the old weights stay alive only through
         # the tensors the reshape kept for a rollback.
         runner = getattr(worker, "model_runner", None)
+        if runner is not None and torch.cuda.is_available():
+            _release_cuda_graphs(runner)
         for obj in (runner, worker):
             if obj is not None:
                 vars(obj).clear()
@@ -534,6 +536,8 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
     gc.collect()
     t1 = time.perf_counter()
+    if not quiet:
+        _close_device_communicators(parallel_state)
     try:
         parallel_state.destroy_model_parallel()
         parallel_state.destroy_distributed_environment()
@@ -555,6 +559,35 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return times
+
+
+def _release_cuda_graphs(runner: Any) -> None:
+    """The old model's CUDA graphs and their memory pool go before the new ones are
+    captured (SGLang's own elastic re-capture does the same). GPU only; untested here."""
+    from sglang.srt.model_executor.model_runner_components.cuda_graph_setup import (
+        drop_elastic_cuda_graph_state,
+    )
+
+    eager = getattr(runner, "eager_runner", None)
+    drop_elastic_cuda_graph_state(
+        decode_runner=getattr(runner, "decode_cuda_graph_runner", None), eager_runner=eager)
+
+
+def _close_device_communicators(parallel_state: Any) -> None:
+    """Destroy what SGLang's group teardown only drops: each group's PyNCCL communicator
+    (`ncclCommDestroy`) and custom all-reduce buffers (closed while their group still
+    exists). Nothing to do on CPU; untested here (no GPU)."""
+    for value in list(vars(parallel_state).values()):
+        if not isinstance(value, parallel_state.GroupCoordinator):
+            continue
+        ca = getattr(value, "ca_comm", None)
+        if ca is not None and hasattr(ca, "close"):
+            ca.close()
+        nccl = getattr(value, "pynccl_comm", None)
+        comm = getattr(nccl, "comm", None)
+        if nccl is not None and comm is not None and not getattr(nccl, "disabled", False):
+            nccl.nccl.ncclCommDestroy(comm)
+            nccl.comm, nccl.disabled = None, True
 
 
 def _init_world(sched: Any, rank: int, topo: Topology, port: int, deadline: float) -> None:
