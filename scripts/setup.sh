@@ -10,16 +10,21 @@ cd "$(dirname "$0")/.."
 VENV=${REMP_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 PY="$VENV/bin/python"
-# This machine's pip configuration names local indexes that may not exist; pip warns for
-# each on every call. Those lines are dropped; everything else (and the status) remains.
+# pip's own chatter (dependency notes for the GPU packages left out on purpose, build
+# back-end deprecation notices) goes to $LOG; a failing install prints its tail.
 pip() {
-  "$PY" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  if ! "$PY" -m pip install --quiet --disable-pip-version-check "$@" >>"$LOG" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$LOG" | tail -n 40 >&2
+    printf '[setup] pip install %s failed; the full log is %s\n' "$*" "$LOG" >&2
+    return 1
+  fi
 }
 key() { cat "$@" | sha256sum | cut -c1-16; }
 step() { printf '[setup] %s\n' "$*"; }
 
 [ -x "$PY" ] || { step "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+LOG="$VENV/setup.log"
+: >"$LOG"
 
 deps_key=$(key requirements/*.txt scripts/setup.sh)
 if [ "$(cat "$VENV/.remp-deps" 2>/dev/null)" != "$deps_key" ]; then
