@@ -10,6 +10,9 @@
   same broadcast/relay as requests); with PP it first holds new micro-batches until the
   launched ones are processed. `around_paused_state` does the same while SGLang's
   generation is paused (the loop then skips scheduling).
+- `around_is_disable_overlap_for_batch`, `after_process_batch_result`: the new layout's
+  first batch streams its tokens before the second runs, and the reshape is answered
+  once they are out.
 Handlers never raise into the event loop: errors become replies.
 """
 
@@ -375,8 +378,8 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
         if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
             report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
         if recv_req is not None and rt.launch_rank == 0:
-            # The downtime ends when the new layout's first step starts (`_first_step`): it
-            # downtime then covers everything up to it, the loop's restart included.
+            # The downtime ends when the new layout's first step starts (`_first_step`), so
+            # it covers everything up to it, the loop's restart included.
             rt.deferred = (report, recv_req, t_boundary, time.perf_counter())
             return True
         out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=nonce)
