@@ -315,7 +315,7 @@ def reshard_weights(
                     got = None if have is None else (list(have.shape), have.dtype)
                     raise ValueError(f"old_params[{name!r}] on rank {rank}: expected {want} "
                                      f"{dtype}, got {got}")
-        if torch.empty(0, dtype=dtype).element_size() != model.shape.dtype_bytes:
+        if dtype.itemsize != model.shape.dtype_bytes:
             raise ValueError(f"dtype {dtype} disagrees with model.shape.dtype_bytes="
                              f"{model.shape.dtype_bytes}")
         for name, spec in specs.items():

@@ -41,7 +41,7 @@ def decoder_of(hf_config: Any, dtype: torch.dtype) -> DenseDecoder:
         num_heads=heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+        dtype_bytes=dtype.itemsize,
     )
     return DenseDecoder(
         shape,

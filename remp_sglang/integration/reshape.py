@@ -130,7 +130,7 @@ class RempRuntime:
         try:
             return kv_capacity(self.budgets, self.decoder,
                                kv_shape_of(self.decoder.shape, self.kv_store_dtype), topo,
-                               _element_size(self.dtype), self.token_cap)
+                               self.dtype.itemsize, self.token_cap)
         except ValueError as error:
             raise CapacityError(str(error)) from error
 
@@ -472,13 +472,9 @@ def kv_dtypes(pool: Any) -> tuple[torch.dtype, torch.dtype]:
     return getattr(pool, "dtype", store), store
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def kv_shape_of(shape: ModelShape, kv_dtype: torch.dtype) -> ModelShape:
     """The model's shape with the KV cache's element size (the cache may differ in dtype)."""
-    return replace(shape, dtype_bytes=torch.empty(0, dtype=kv_dtype).element_size())
+    return replace(shape, dtype_bytes=kv_dtype.itemsize)
 
 
 def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device,

@@ -93,7 +93,7 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     if decoder is not None:
         budgets = launch_budgets(decoder, kv_shape_of(decoder.shape, kv_store_dtype), launch,
                                  int(scheduler.max_total_num_tokens),
-                                 torch.empty(0, dtype=dtype).element_size())
+                                 dtype.itemsize)
     scheduler._remp = RempRuntime(
         launch_rank=rank,
         topology=launch,
