@@ -12,7 +12,10 @@ any streaming client saw during it, requests that straddled it; overall: request
 completed / failed / equal to the reference, the decode step (median streaming gap), the
 prefix-cache hits of a probe prompt after every reshape, and each process's resident
 memory before and after. "gap from" is when the largest gap began, relative to the call;
-"step after" is the median streaming gap in the second after it (the new layout's step).
+"step after" is the median streaming gap in the second after it (the new layout's step);
+"1st step" is the new layout's first step (the carried requests' decode) up to its tokens
+being sent; "pp hold" the wait for launched micro-batches when the old layout has PP;
+"decoded" the carried requests that continued as a decode batch (no re-prefill).
 Full mode (50 reshapes) is the soak; ``--quick`` runs 6.
 """
 
@@ -115,7 +118,8 @@ def main() -> int:
           f"Llama (float32); decode step (median streaming gap) {decode_step * 1e3:.1f} ms")
     print(f"{'#':>3} {'switch':>9} {'status':>6} {'downtime s':>10} {'wait s':>7} "
           f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'step after':>10} "
-          f"{'gap from':>8} {'straddling':>10} {'carried':>7} {'probe hit':>9}")
+          f"{'gap from':>8} {'1st step':>8} {'pp hold':>7} {'straddling':>10} "
+          f"{'carried':>7} {'decoded':>7} {'probe hit':>9}")
     for r in rows:
         gaps = [o.gap_window(r["start"], r["end"]) for o in streamed
                 if o.straddles(r["start"], r["end"])]
@@ -131,9 +135,10 @@ def main() -> int:
         print(f"{r['n']:>3} {switch:>9} {r['status']:>6} {down:>10.3f} {wait:>7.3f} "
               f"{wait - down:>9.3f} {r['max_gap_s']:>9.3f} "
               f"{(r['max_gap_s'] - down) if gaps else float('nan'):>8.3f} "
-              f"{r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} {r['straddling']:>10} "
-              f"{r.get('requests_carried', 0):>7} "
-              f"{r['probe_cached']:>9}")
+              f"{r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} "
+              f"{r.get('first_step_s', 0.0):>8.3f} {r.get('pipeline_hold_s', 0.0):>7.3f} "
+              f"{r['straddling']:>10} {r.get('requests_carried', 0):>7} "
+              f"{r.get('requests_resumed_decoding', 0):>7} {r['probe_cached']:>9}")
     failed = [o for o in outcomes if o.error is not None]
     equal = sum(o.error is None and o.output == reference[o.job] for o in outcomes)
     ok = [r for r in rows if r["status"] == 200]

@@ -80,6 +80,9 @@ def test_requests_straddle_tp_and_pp_switches(busy):
     outcomes = traffic.wait()
     assert_same(outcomes, reference)
 
+    # Requests that were decoding continue as a decode batch (no re-prefill).
+    assert all(r["requests_resumed_decoding"] == r["requests_decoding"] for r, _, _ in windows)
+    assert sum(r["requests_decoding"] for r, _, _ in windows) > 0
     carried = [w[0]["requests_carried"] for w in windows]
     straddled = [sum(o.straddles(s, e) for o in outcomes) for _, s, e in windows]
     print("carried per switch", carried, "straddling requests", straddled)
@@ -89,7 +92,8 @@ def test_requests_straddle_tp_and_pp_switches(busy):
             gaps = [o.gap_during(start, end) for o in outcomes if o.job.streaming
                     and o.straddles(start, end)]
             print(report["old"], "->", report["new"], "downtime", report["downtime_s"],
-                  "wait", report["request_wait_s"], "largest gap", max(gaps, default=0))
+                  "first step", report["first_step_s"], "wait", report["request_wait_s"],
+                  "largest gap", max(gaps, default=0))
 
 
 def test_chunked_prefill_straddles_a_switch(busy):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -46,6 +46,7 @@ class CacheState:
     requests: list[RequestRecord] = field(default_factory=list)  # queued, in order
     engine_paused: bool = False  # SGLang's pause_generation flag, for joining ranks
     new_token_ratio: float = 1.0  # SGLang's admission estimate, the same on every rank
+    decoding: list[str] = field(default_factory=list)  # carried requests that were decoding
 
     @property
     def live_slots(self) -> np.ndarray:
@@ -78,10 +79,8 @@ class CacheState:
         table[old] = new
         slots = table[self.slots]
         free = np.setdiff1d(np.arange(1, new_size + 1), slots, assume_unique=False)
-        return CacheState(self.parents, self.lengths, self.tokens, slots, self.leaf_order,
-                          self.node_keys, self.keys, free, np.empty(0, dtype=np.int64),
-                          self.free_request_slots, self.requests, self.engine_paused,
-                          self.new_token_ratio)
+        return replace(self, slots=slots, free_pages=free,
+                       release_pages=np.empty(0, dtype=np.int64))
 
 
 def _enc_hook(obj: Any) -> Any:

@@ -186,6 +186,8 @@ def _enable_subprocess(config: RempConfig) -> None:
              HookType.AFTER),
             ("Scheduler.is_disable_overlap_for_batch",
              hooks.around_is_disable_overlap_for_batch, HookType.AROUND),
+            ("Scheduler._should_defer_prefill", hooks.around_should_defer_prefill,
+             HookType.AROUND),
             ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)

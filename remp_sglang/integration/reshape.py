@@ -56,6 +56,7 @@ from .step_boundary import (
     checkpoint_requests,
     clear_requests,
     commit_pp_sends,
+    decoding_rids,
     export_requests,
     kv_requests,
     make_room,
@@ -120,6 +121,8 @@ class RempRuntime:
     deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
     reply: Any = None  # rank zero: that reply, sent once the first step's tokens are out
     flush_first: bool = False  # overlap: the loop's first batch streams before the second runs
+    resume: set[str] | None = None  # carried requests that continue as a decode batch
+    decode_first: bool = False  # the new layout's first step decodes before any prefill
     downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero
     runners: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # leak checks
     staging: torch.Tensor | None = None
@@ -252,6 +255,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         if was_active and rank == 0:
             exported = export_state(sched)
             exported.requests = export_requests(sched)
+            exported.decoding = decoding_rids(sched, reqs)
             exported.engine_paused = bool(getattr(sched, "_engine_paused", False))
             exported.new_token_ratio = float(sched.new_token_ratio_tracker.current)
             if not torch.equal(torch.from_numpy(exported.live_slots), live_slots(sched)):
@@ -353,6 +357,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     del weights, old_params, old_pool_obj
     if was_active and not now_active:
         clear_requests(sched)
+    rt.resume = set(state.decoding) if now_active else None
     rt.topology, rt.pool_size = new, new_size
     times["total_s"] = time.perf_counter() - t0
     downtime = time.perf_counter() - t_boundary
@@ -368,6 +373,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
         else None,
         "requests_carried": carried, "chunked_prefill_carried": chunked,
+        "requests_decoding": len(state.decoding), "requests_resumed_decoding": 0,
         "cached_tokens_evicted": evicted,
         "queued_requests": len(state.requests),
         "max_rank_bytes": predict_transfer(old, new, rt.decoder, kv_shape,

@@ -13,6 +13,8 @@
 - `around_is_disable_overlap_for_batch`, `after_process_batch_result`: the new layout's
   first batch streams its tokens before the second runs, and the reshape is answered
   once they are out.
+- `around_should_defer_prefill`: that first batch decodes the carried requests before
+  any prefill (they have waited longest; SGLang defers prefills the same way).
 Handlers never raise into the event loop: errors become replies.
 """
 
@@ -54,6 +56,7 @@ from .step_boundary import (
     checkpoint_requests,
     kv_requests,
     pp_hold_steps,
+    resume_decoding,
     settle_overlap,
 )
 
@@ -260,6 +263,17 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
         return original(scheduler, running_batch, last_batch)
     if rt.deferred is not None:  # the first step on the new layout starts here
         _first_step(rt)
+    if rt.resume is not None:  # requests that were decoding continue as a decode batch
+        rids, rt.resume = rt.resume, None
+        batch = resume_decoding(scheduler, rids) if rids else None
+        if rt.reply is not None:
+            rt.reply[0]["requests_resumed_decoding"] = len(batch.reqs) if batch else 0
+        if batch is not None:
+            if running_batch.is_empty():
+                running_batch = batch
+            else:
+                running_batch.merge_batch(batch)
+            rt.decode_first = True
     plan = _next_batch(original, scheduler, rt, running_batch, last_batch)
     if rt.reply is not None and plan.batch_to_run is None:  # nothing to run: answer now
         _send_reply(scheduler, rt)
@@ -295,6 +309,15 @@ def around_is_disable_overlap_for_batch(original: Any, scheduler: Any, batch: An
         rt.flush_first = False
         return True
     return original(scheduler, batch, last_batch=last_batch)
+
+
+def around_should_defer_prefill(original: Any, scheduler: Any, running_batch: Any) -> Any:
+    """The carried requests' decode runs before any prefill on the new layout."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.decode_first:
+        rt.decode_first = False
+        return True
+    return original(scheduler, running_batch)
 
 
 def around_pause_generation(original: Any, scheduler: Any, recv_req: Any) -> Any:
@@ -406,8 +429,6 @@ def _first_step(rt: RempRuntime) -> None:
     """The new layout's first step starts: the downtime ends here. The reply waits for
     that step's tokens (`_send_reply`), so that the clients' streams resume before the
     front end turns to the reshape's answer."""
-    from .messages import RempReshapeReqOutput
-
     report, recv_req, t_boundary, t_done = rt.deferred
     rt.deferred = None
     now = time.perf_counter()
@@ -416,13 +437,18 @@ def _first_step(rt: RempRuntime) -> None:
     phases = report["phases"]
     rt.downtime_model.observe(report["max_rank_bytes"], phases["weights_s"] + phases["kv_s"],
                               report["downtime_s"])
-    rt.reply = (RempReshapeReqOutput(report_json=json.dumps(report), nonce=recv_req.nonce),
-                recv_req)
+    rt.reply = (report, recv_req, now)
 
 
 def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
-    out, recv_req = rt.reply
+    """`first_step_s`: the new layout's first step, up to its tokens being sent (a
+    streaming client's pause is about `downtime_s` plus this)."""
+    from .messages import RempReshapeReqOutput
+
+    report, recv_req, t_first = rt.reply
     rt.reply = None
+    report["first_step_s"] = round(time.perf_counter() - t_first, 4)
+    out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=recv_req.nonce)
     scheduler.send_control_output(out, recv_req)
 
 

@@ -15,10 +15,17 @@ iteration (the order reaches them through SGLang's own broadcast and PP relay):
 3. checkpoints the KV of every request that holds some into the radix tree (SGLang's
    `release_kv_cache(checkpoint=True)`) and re-queues the request at the head of the
    waiting queue as a retracted request (SGLang's own retract path). All live KV is then
-   in the tree, which the reshape carries. The first step on the new layout extends each
-   request by the one token whose KV was not yet written, which is the decode step it
-   would have run next: it continues from the token where it stopped, and its stream
-   only pauses (retraction is internal to the scheduler; nothing is re-sent).
+   in the tree, which the reshape carries.
+
+On the new layout, the requests that were decoding continue as a decode batch
+(`resume_decoding`, the way SGLang's PD-decode server admits requests whose KV arrived
+from elsewhere): each re-matches its KV in the imported tree, takes a row that points at
+those slots, and its last token is relayed as the next input. The first step decodes
+them before any prefill; it is the step they would have run next, so their streams only
+pause (retraction is internal to the scheduler; nothing is re-sent). A request that
+cannot resume so (a half-done chunked prefill, a prefix cut short for logprobs, no free
+row) stays at the head of the queue and extends by what it lacks, as SGLang resumes a
+retracted request.
 
 Ranks that join the new world (parked before) receive rank zero's queues as plain
 records (SGLang's own msgpack encoding of the original request plus its progress) and
@@ -33,6 +40,8 @@ import logging
 from array import array
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from remp_sglang.engine import CapacityError
 
@@ -180,6 +189,71 @@ def _clear_batches(scheduler: Any) -> None:
         scheduler.mbs, scheduler.last_mbs = [None] * n, [None] * n
         scheduler.running_mbs = [ScheduleBatch(reqs=[], batch_is_full=False)
                                  for _ in range(n)]
+
+
+def decoding_rids(scheduler: Any, reqs: list[Any]) -> list[str]:
+    """Of the requests carried, those that were decoding (prefill complete)."""
+    return [r.rid for r in reqs if len(r.output_ids) > 0 and r is not scheduler.chunked_req]
+
+
+def resume_decoding(scheduler: Any, rids: set[str]) -> Any | None:
+    """The first step on a new layout: the carried requests in `rids` leave the waiting
+    queue as a decode batch over their KV in the tree (None if none can)."""
+    from sglang.srt.managers.overlap_utils import RelayPayload
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.runtime_context import get_parallel
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+    pool, tree = scheduler.req_to_token_pool, scheduler.tree_cache
+    room = min(pool.available_size(), get_parallel().pp_max_micro_batch_size)
+    ready, rest = [], []
+    for req in scheduler.waiting_queue:
+        if req.rid in rids and len(ready) < room and _rebind(req, tree, pool):
+            ready.append(req)
+        else:
+            rest.append(req)
+    if not ready:
+        return None
+    scheduler.waiting_queue = rest
+    batch = ScheduleBatch.init_new(ready, pool, scheduler.token_to_kv_pool_allocator, tree,
+                                   scheduler.model_config, scheduler.enable_overlap,
+                                   scheduler.spec_algorithm)
+    device = batch.device
+    rows = [r.kv.req_pool_idx for r in ready]
+    seq_lens = [r.kv.kv_committed_len for r in ready]
+    batch.req_pool_indices_cpu = torch.tensor(rows, dtype=torch.int64)
+    batch.req_pool_indices = batch.req_pool_indices_cpu.to(device)
+    batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+    batch.seq_lens = batch.seq_lens_cpu.to(device)
+    batch.orig_seq_lens = batch.seq_lens_cpu.to(device, torch.int32)
+    batch.seq_lens_sum = sum(seq_lens)
+    if batch.return_logprob:
+        batch.top_logprobs_nums = [r.logprob.top_logprobs_num for r in ready]
+        batch.token_ids_logprobs = [r.logprob.token_ids_logprob for r in ready]
+    batch.sampling_info = SamplingBatchInfo.from_schedule_batch(
+        batch, scheduler.model_config.vocab_size)
+    # The next input is each request's last token, relayed like any decode step's.
+    last = torch.tensor([r.output_ids[-1] for r in ready], dtype=torch.int64, device=device)
+    scheduler.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=last))
+    batch.input_ids = None
+    return batch
+
+
+def _rebind(req: Any, tree: Any, pool: Any) -> bool:
+    """Give a carried decoding request a row over its KV in the tree (locked there), as
+    if its prefill had just run; False (nothing taken) if the tree lacks some of it."""
+    if req.finished() or len(req.output_ids) == 0:
+        return False
+    seq_len = len(req.origin_input_ids) + len(req.output_ids) - 1
+    req.init_next_round_input(tree)
+    if req.prefix_len != seq_len or pool.alloc([req]) is None:
+        return False
+    req.lock = tree.lock(req.last_node)
+    slots = tree.prefix_device_indices(req)
+    pool.write((req.kv.req_pool_idx, slice(0, seq_len)), slots.to(pool.req_to_token.dtype))
+    req.kv.kv_allocated_len = req.kv.kv_committed_len = req.extend_end = seq_len
+    req.is_retracted = False
+    return True
 
 
 def commit_pp_sends(scheduler: Any) -> None:
