@@ -10,15 +10,15 @@ free to keep serving on the old topology.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import kernels
 from .comm import Communicator
 from .exchange import ExchangeStats, Item, run_exchange
-from .planner import KVPlan, TensorPlan, plan_kv
+from .planner import KVMove, KVPlan, TensorPlan, plan_kv
 from .topology import ModelShape, Topology
 from .weights import DenseDecoder, dense_decoder_params, local_shape, owns, plan_weights
 
@@ -67,8 +67,8 @@ class MigrationStats:
 @dataclass
 class KVMigration:
     pool: KVPool | None  # None on a rank parked in the new topology
-    new_slots: torch.Tensor  # new slot index of each live slot (same order as given)
-    compacted: bool
+    new_slots: torch.Tensor  # new slot index of each live slot (the first flow's)
+    compacted: bool  # a flow without destination slots had some moved
     stats: MigrationStats
 
 
@@ -121,6 +121,18 @@ def _check_pool(pool: KVPool | None, topo: Topology, rank: int, shape: ModelShap
                              f"{shape.head_dim}], got {list(t.shape)}")
 
 
+@dataclass(frozen=True)
+class SlotFlow:
+    """The tokens one old replica hands one new replica: its slot `src_slots[i]` becomes
+    the new replica's slot `dst_slots[i]` (the same on every rank). Without `dst_slots`
+    each slot keeps its index where it fits and the rest are compacted (`remap_slots`)."""
+
+    src_replica: int
+    dst_replica: int
+    src_slots: torch.Tensor
+    dst_slots: torch.Tensor | None = None
+
+
 def migrate_kv(
     comm: Communicator,
     old: Topology,
@@ -145,19 +157,47 @@ def migrate_kv(
     they are compacted and `new_slots` says where each went. `new_pool`, if given, is
     filled instead of allocating one (e.g. a pool SGLang built). `staging`, a uint8
     buffer of `staging_bytes` kept by the caller, avoids allocating staging per call.
+    One replica on each side; `migrate_kv_flows` moves KV between replicas.
     """
+    live = live_slots.to(torch.int64).cpu()
+    return migrate_kv_flows(comm, old, new, shape, old_pool, [SlotFlow(0, 0, live)],
+                            new_num_slots, dtype=dtype, device=device, new_pool=new_pool,
+                            staging_bytes=staging_bytes, staging=staging,
+                            reserved_slots=reserved_slots, fault=fault)
+
+
+def migrate_kv_flows(
+    comm: Communicator,
+    old: Topology,
+    new: Topology,
+    shape: ModelShape,
+    old_pool: KVPool | None,
+    flows: Sequence[SlotFlow],
+    new_num_slots: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    new_pool: KVPool | None = None,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+    staging: torch.Tensor | None = None,
+    reserved_slots: int = 1,
+    fault: FaultHook | None = None,
+) -> KVMigration:
+    """Give this rank its KV pool for `new` (`new_num_slots` slots in every replica),
+    filled by `flows`: a merge of replicas has one flow per old replica into the new one
+    (their slots renumbered apart), a split one per new replica (a prefix several new
+    replicas keep is in each of their flows). All flows move in one exchange."""
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
     plan: KVPlan | None = None
-    new_slots = torch.empty(0, dtype=torch.int64)
     error: BaseException | None = None
+    remapped = [f.dst_slots is None for f in flows]
     try:
-        plan = plan_kv(old, new, shape)
+        plan = plan_kv(old, new, shape, [(f.src_replica, f.dst_replica) for f in flows])
         _check_pool(old_pool, old, rank, shape, "old_pool")
-        new_slots = remap_slots(live_slots, new_num_slots, reserved_slots)
-        if old_pool is not None and old_pool.k and _max(live_slots) >= old_pool.num_slots:
-            raise ValueError(f"live slot {_max(live_slots)} outside the old pool's "
-                             f"{old_pool.num_slots} slots")
+        flows = [f if f.dst_slots is not None else replace(
+            f, dst_slots=remap_slots(f.src_slots, new_num_slots, reserved_slots)) for f in flows]
+        _check_flows(flows, old, new, rank, old_pool, new_num_slots, reserved_slots)
         if new.is_active(rank):
             if new_pool is None:
                 new_pool = KVPool.empty(
@@ -178,28 +218,51 @@ def migrate_kv(
     assert plan is not None
     stats.seconds["plan"] = time.perf_counter() - t0
 
-    compacted = not torch.equal(new_slots, live_slots.to(torch.int64).cpu())
-    src_slots = live_slots.to(device=device, dtype=torch.int64)
-    dst_slots = new_slots.to(device)
+    slots = [(f.src_slots.to(device=device, dtype=torch.int64),
+              f.dst_slots.to(device=device, dtype=torch.int64)) for f in flows]
     error = None
     try:
         t1 = time.perf_counter()
-        stats.bytes_kept = _copy_kept(plan, rank, old_pool, new_pool, src_slots, dst_slots)
+        stats.bytes_kept = _copy_kept(plan, rank, old_pool, new_pool, slots)
         stats.seconds["local_copy"] = time.perf_counter() - t1
-        items = _kv_items(plan, rank, old_pool, new_pool, src_slots, dst_slots, staging_bytes,
-                          fault)
+        items = _kv_items(plan, rank, old_pool, new_pool, slots, staging_bytes, fault)
         ex = run_exchange(comm, items, staging_bytes, device, staging)
         _merge(stats, ex)
         stats.seconds["transfer"] = ex.seconds
     except Exception as exc:
         error = exc
     comm.agree(error, "KV migration transfer")
-    n = live_slots.numel()
-    stats.lower_bound_bytes = plan.max_rank_bytes(n)
+    stats.lower_bound_bytes = plan.max_rank_bytes([f.src_slots.numel() for f in flows])
     old_bytes = old_pool.nbytes if old_pool is not None else 0
     stats.peak_bytes = old_bytes + (new_pool.nbytes if new_pool else 0) + stats.staging_bytes
     stats.seconds["total"] = time.perf_counter() - t0
+    new_slots = flows[0].dst_slots.cpu() if flows else torch.empty(0, dtype=torch.int64)
+    compacted = any(r and not torch.equal(f.dst_slots.cpu(), f.src_slots.to(torch.int64).cpu())
+                    for r, f in zip(remapped, flows, strict=True))
     return KVMigration(new_pool, new_slots, compacted, stats)
+
+
+def _check_flows(flows: Sequence[SlotFlow], old: Topology, new: Topology, rank: int,
+                 old_pool: KVPool | None, new_num_slots: int, reserved: int) -> None:
+    """Every flow maps slots of its old replica's pool to distinct usable slots of its
+    new replica's pool (ValueError naming the flow otherwise)."""
+    taken: dict[int, list[torch.Tensor]] = {}
+    for i, f in enumerate(flows):
+        src, dst = f.src_slots, f.dst_slots
+        if src.shape != dst.shape or src.dim() != 1:
+            raise ValueError(f"flows[{i}]: src_slots and dst_slots must be equal 1-D lists")
+        if dst.numel() and (int(dst.min()) < reserved or int(dst.max()) >= new_num_slots):
+            raise ValueError(f"flows[{i}]: destination slots must lie in "
+                             f"{reserved}..{new_num_slots - 1}")
+        if (old_pool is not None and old_pool.k and old.is_active(rank)
+                and old.replica(rank) == f.src_replica and _max(src) >= old_pool.num_slots):
+            raise ValueError(f"flows[{i}]: live slot {_max(src)} outside the old pool's "
+                             f"{old_pool.num_slots} slots")
+        taken.setdefault(f.dst_replica, []).append(dst.to(torch.int64).cpu())
+    for replica, parts in taken.items():
+        every = torch.cat(parts)
+        if every.unique().numel() != every.numel():
+            raise ValueError(f"flows: two tokens land in one slot of new replica {replica}")
 
 
 def _max(t: torch.Tensor) -> int:
@@ -207,11 +270,12 @@ def _max(t: torch.Tensor) -> int:
 
 
 def _copy_kept(plan: KVPlan, rank: int, old_pool: KVPool | None, new_pool: KVPool | None,
-               src_slots: torch.Tensor, dst_slots: torch.Tensor) -> int:
+               slots: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Slices this rank holds in both layouts go old pool -> new pool in one pass each."""
     kept = 0
     for m in plan.keeps(rank):
         assert old_pool is not None and new_pool is not None
+        src_slots, dst_slots = slots[m.flow]
         sl = plan.local_layer(plan.old, rank, m.layers.start)
         sh = plan.local_head(plan.old, rank, m.heads.start)
         kernels.copy_kv(
@@ -226,44 +290,52 @@ def _copy_kept(plan: KVPlan, rank: int, old_pool: KVPool | None, new_pool: KVPoo
 
 
 def _kv_items(plan: KVPlan, rank: int, old_pool: KVPool | None, new_pool: KVPool | None,
-              src_slots: torch.Tensor, dst_slots: torch.Tensor, staging_bytes: int,
+              slots: Sequence[tuple[torch.Tensor, torch.Tensor]], staging_bytes: int,
               fault: FaultHook | None) -> list[Item]:
     """Token chunks sized so one chunk of every rank's moves fits half the staging."""
     moves = [m for m in plan.moves if not m.is_local]
-    if not moves or src_slots.numel() == 0:
+    if not moves:
         return []
-    shape, es = plan.shape, plan.shape.dtype_bytes
+    es = plan.shape.dtype_bytes
     busiest = max(
         plan.bytes_per_token(plan.sends(r)) + plan.bytes_per_token(plan.recvs(r))
         for r in range(plan.old.world_size)
     )
     chunk = max(1, (staging_bytes // 2 - 16 * len(moves)) // busiest)
     items = []
-    n = src_slots.numel()
-    for t0 in range(0, n, chunk):
-        t1 = min(n, t0 + chunk)
-        for m in moves:
-            dims = (2, len(m.layers), t1 - t0, len(m.heads), shape.head_dim)
-            nbytes = 2 * len(m.layers) * (t1 - t0) * len(m.heads) * shape.head_dim * es
-
-            def pack(view, m=m, t0=t0, t1=t1, dims=dims):
-                if fault:
-                    fault("gather", rank)
-                sl = plan.local_layer(plan.old, rank, m.layers.start)
-                sh = plan.local_head(plan.old, rank, m.heads.start)
-                kernels.gather_kv(old_pool.k, old_pool.v, src_slots[t0:t1],
-                                  layers=(sl, sl + len(m.layers)),
-                                  heads=(sh, sh + len(m.heads)),
-                                  out=view.view(old_pool.k[0].dtype).view(dims))
-
-            def unpack(view, m=m, t0=t0, t1=t1, dims=dims):
-                packed = view.view(new_pool.k[0].dtype).view(dims)
-                kernels.scatter_kv(packed, new_pool.k, new_pool.v, dst_slots[t0:t1],
-                                   layer_begin=plan.local_layer(plan.new, rank, m.layers.start),
-                                   head_begin=plan.local_head(plan.new, rank, m.heads.start))
-
-            items.append(Item(m.src, m.dst, nbytes, pack, unpack))
+    for flow, (src_slots, dst_slots) in enumerate(slots):
+        n = src_slots.numel()
+        for t0 in range(0, n, chunk):
+            t1 = min(n, t0 + chunk)
+            for m in (m for m in moves if m.flow == flow):
+                items.append(_kv_item(plan, rank, m, old_pool, new_pool, src_slots[t0:t1],
+                                      dst_slots[t0:t1], es, fault))
     return items
+
+
+def _kv_item(plan: KVPlan, rank: int, m: KVMove, old_pool: KVPool | None,
+             new_pool: KVPool | None, src: torch.Tensor, dst: torch.Tensor, es: int,
+             fault: FaultHook | None) -> Item:
+    shape = plan.shape
+    dims = (2, len(m.layers), src.numel(), len(m.heads), shape.head_dim)
+    nbytes = 2 * len(m.layers) * src.numel() * len(m.heads) * shape.head_dim * es
+
+    def pack(view: torch.Tensor) -> None:
+        if fault:
+            fault("gather", rank)
+        sl = plan.local_layer(plan.old, rank, m.layers.start)
+        sh = plan.local_head(plan.old, rank, m.heads.start)
+        kernels.gather_kv(old_pool.k, old_pool.v, src, layers=(sl, sl + len(m.layers)),
+                          heads=(sh, sh + len(m.heads)),
+                          out=view.view(old_pool.k[0].dtype).view(dims))
+
+    def unpack(view: torch.Tensor) -> None:
+        packed = view.view(new_pool.k[0].dtype).view(dims)
+        kernels.scatter_kv(packed, new_pool.k, new_pool.v, dst,
+                           layer_begin=plan.local_layer(plan.new, rank, m.layers.start),
+                           head_begin=plan.local_head(plan.new, rank, m.heads.start))
+
+    return Item(m.src, m.dst, nbytes, pack, unpack)
 
 
 def _merge(stats: MigrationStats, ex: ExchangeStats) -> None:

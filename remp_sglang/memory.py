@@ -43,15 +43,15 @@ def launch_budgets(model: DenseDecoder, kv: ModelShape, launch: Topology, slots:
 
 def kv_capacity(budgets: Sequence[int], model: DenseDecoder, kv: ModelShape, topo: Topology,
                 dtype_bytes: int, token_cap: int | None = None) -> int:
-    """KV slots of `topo`: the fewest any active rank's budget holds after its weights
-    (every rank of a layout has the same slot count), capped by `token_cap`. Raises
+    """KV slots of `topo` (per replica): the fewest any active rank's budget holds after
+    its weights (every rank of a layout has the same slot count), capped by `token_cap`. Raises
     ValueError, naming the rank, if a rank's weights alone exceed its budget."""
     slots = []
     for r in topo.active_ranks:
         left = budgets[r] - weight_bytes(model, topo, r, dtype_bytes)
         if left <= 0:
             raise ValueError(
-                f"layout tp={topo.tp} pp={topo.pp}: rank {r} would hold "
+                f"layout dp={topo.dp} tp={topo.tp} pp={topo.pp}: rank {r} would hold "
                 f"{budgets[r] - left} B of weights, more than the {budgets[r]} B it "
                 "reserved at launch")
         slots.append(left // kv_slot_bytes(kv, topo, r))

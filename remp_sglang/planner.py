@@ -78,15 +78,18 @@ def _segment_at(segs: Sequence[Segment], start: int, stop: int) -> Segment:
 # KV cache
 @dataclass(frozen=True)
 class KVMove:
-    """K and V of global `layers` x global KV `heads`, for every live token, src -> dst.
+    """K and V of global `layers` x global KV `heads`, for every token of `flow`, src -> dst.
 
-    src == dst means the rank keeps the slice (a local copy into its new pool).
+    src == dst means the rank keeps the slice (a local copy into its new pool). A flow is
+    one (old replica -> new replica) pair of the plan: its tokens are that old replica's
+    slots going to that new replica's pool.
     """
 
     src: int
     dst: int
     layers: range
     heads: range
+    flow: int = 0
 
     @property
     def is_local(self) -> bool:
@@ -96,12 +99,16 @@ class KVMove:
         return 2 * len(self.layers) * len(self.heads) * shape.head_dim
 
 
+Tokens = int | Sequence[int]  # tokens moved: the same for every flow, or per flow
+
+
 @dataclass(frozen=True)
 class KVPlan:
     old: Topology
     new: Topology
     shape: ModelShape
     moves: tuple[KVMove, ...]
+    flows: tuple[tuple[int, int], ...] = ((0, 0),)  # (old replica, new replica) per flow
 
     def sends(self, rank: int) -> list[KVMove]:
         return [m for m in self.moves if m.src == rank and not m.is_local]
@@ -115,16 +122,20 @@ class KVPlan:
     def bytes_per_token(self, moves: Iterable[KVMove]) -> int:
         return sum(m.elements_per_token(self.shape) for m in moves) * self.shape.dtype_bytes
 
-    def bytes_sent(self, rank: int, tokens: int) -> int:
-        return self.bytes_per_token(self.sends(rank)) * tokens
+    def _bytes(self, moves: Iterable[KVMove], tokens: Tokens) -> int:
+        per_flow = [tokens] * len(self.flows) if isinstance(tokens, int) else list(tokens)
+        return sum(self.bytes_per_token([m]) * per_flow[m.flow] for m in moves)
 
-    def bytes_received(self, rank: int, tokens: int) -> int:
-        return self.bytes_per_token(self.recvs(rank)) * tokens
+    def bytes_sent(self, rank: int, tokens: Tokens) -> int:
+        return self._bytes(self.sends(rank), tokens)
 
-    def total_bytes_moved(self, tokens: int) -> int:
+    def bytes_received(self, rank: int, tokens: Tokens) -> int:
+        return self._bytes(self.recvs(rank), tokens)
+
+    def total_bytes_moved(self, tokens: Tokens) -> int:
         return sum(self.bytes_sent(r, tokens) for r in range(self.old.world_size))
 
-    def max_rank_bytes(self, tokens: int) -> int:
+    def max_rank_bytes(self, tokens: Tokens) -> int:
         """The busiest rank's traffic: max over ranks of max(sent, received) (duplex links)."""
         return max(
             (max(self.bytes_sent(r, tokens), self.bytes_received(r, tokens))
@@ -132,7 +143,7 @@ class KVPlan:
             default=0,
         )
 
-    def lower_bound_s(self, tokens: int, bandwidth_bytes_per_s: float) -> float:
+    def lower_bound_s(self, tokens: Tokens, bandwidth_bytes_per_s: float) -> float:
         """Transfer time floor when every rank moves at once over its own link."""
         return self.max_rank_bytes(tokens) / bandwidth_bytes_per_s
 
@@ -153,41 +164,57 @@ def _split_even(run: range, parts: int) -> list[range]:
     return out
 
 
-def plan_kv(old: Topology, new: Topology, shape: ModelShape) -> KVPlan:
+def plan_kv(old: Topology, new: Topology, shape: ModelShape,
+            flows: Sequence[tuple[int, int]] | None = None) -> KVPlan:
     """Plan the two-dimensional KV migration (layers for PP, KV-head ranges for TP).
 
     For each new rank, its layers are cut at the old stage boundaries and its heads at the
     old TP boundaries; each (layer run, head piece) comes from a rank that held it. With
     several holders (replicated KV heads) the layer run is split evenly among them, in a
     rotation that differs per destination so no holder carries every destination's share.
+
+    With replicas (dp > 1), each replica has its own tokens: `flows` names the
+    (old replica, new replica) pairs whose tokens move (a merge has one per old replica
+    into the new one, a split one per new replica); each is planned as above between the
+    two replicas' ranks. Without replicas the one flow is (0, 0).
     """
     if old.world_size != new.world_size:
         raise ValueError(f"world sizes differ: {old.world_size} vs {new.world_size}")
+    if flows is None:
+        if old.dp > 1 or new.dp > 1:
+            raise ValueError("flows: name the (old replica, new replica) pairs whose KV moves")
+        flows = ((0, 0),)
+    flows = tuple((int(a), int(b)) for a, b in flows)
+    for a, b in flows:
+        if not (0 <= a < old.dp and 0 <= b < new.dp):
+            raise ValueError(f"flows: ({a}, {b}) outside {old.dp} old and {new.dp} new replicas")
     old.check_model(shape)
     new.check_model(shape)
     L, K = shape.num_layers, shape.num_kv_heads
     moves: list[KVMove] = []
-    for dst in new.active_ranks:
-        need_layers = new.layer_range(dst, L)
-        need_heads = new.kv_head_range(dst, K)
-        for stage in range(old.pp):
-            run = _intersect(need_layers, _stage_layers(old, stage, L))
-            if not run:
-                continue
-            held = {
-                old.rank(stage, t): [Segment(*_bounds(old.kv_head_range(old.rank(stage, t), K)))]
-                for t in range(old.tp)
-            }
-            for a, b, holders in cover(Segment(need_heads.start, need_heads.stop), held):
-                if dst in holders:
-                    moves.append(KVMove(dst, dst, run, range(a, b)))
+    for f, (a, b) in enumerate(flows):
+        for dst in new.replica_ranks(b):
+            need_layers = new.layer_range(dst, L)
+            need_heads = new.kv_head_range(dst, K)
+            for stage in range(old.pp):
+                run = _intersect(need_layers, _stage_layers(old, stage, L))
+                if not run:
                     continue
-                shift = dst % len(holders)
-                rotated = holders[shift:] + holders[:shift]
-                for src, part in zip(rotated, _split_even(run, len(holders)), strict=True):
-                    if part:
-                        moves.append(KVMove(src, dst, part, range(a, b)))
-    return KVPlan(old, new, shape, tuple(moves))
+                held = {
+                    old.rank(stage, t, a):
+                        [Segment(*_bounds(old.kv_head_range(old.rank(stage, t, a), K)))]
+                    for t in range(old.tp)
+                }
+                for lo, hi, holders in cover(Segment(need_heads.start, need_heads.stop), held):
+                    if dst in holders:
+                        moves.append(KVMove(dst, dst, run, range(lo, hi), f))
+                        continue
+                    shift = dst % len(holders)
+                    rotated = holders[shift:] + holders[:shift]
+                    for src, part in zip(rotated, _split_even(run, len(holders)), strict=True):
+                        if part:
+                            moves.append(KVMove(src, dst, part, range(lo, hi), f))
+    return KVPlan(old, new, shape, tuple(moves), flows)
 
 
 def _stage_layers(topo: Topology, stage: int, num_layers: int) -> range:

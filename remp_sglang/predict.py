@@ -7,9 +7,10 @@ functions, so the model's error is visible next to each measured value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from remp_sglang.planner import plan_kv
+from remp_sglang.planner import Tokens, plan_kv
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder, plan_weights
 
@@ -50,9 +51,11 @@ class TransferPrediction:
 
 
 def predict_transfer(old: Topology, new: Topology, model: DenseDecoder,
-                     kv_shape: ModelShape, tokens: int) -> TransferPrediction:
-    """The bytes of a switch from `old` to `new` with `tokens` live KV slots."""
-    kv = plan_kv(old, new, kv_shape)
+                     kv_shape: ModelShape, tokens: Tokens,
+                     flows: Sequence[tuple[int, int]] | None = None) -> TransferPrediction:
+    """The bytes of a switch from `old` to `new` with `tokens` live KV slots (per flow,
+    with replicas: see `plan_kv`)."""
+    kv = plan_kv(old, new, kv_shape, flows)
     weights = plan_weights(old, new, model)
     ranks = range(old.world_size)
     return TransferPrediction(

@@ -42,26 +42,35 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Topology:
-    """A (tp, pp) layout over a world of launched ranks; ranks beyond tp*pp are parked.
+    """A (dp, tp, pp) layout over a world of launched ranks: `dp` replicas, each a
+    (tp, pp) instance; ranks beyond dp*tp*pp are parked.
 
-    World rank = tp * pp_rank + tp_rank, as SGLang numbers its schedulers.
+    Rank = replica * tp*pp + tp * pp_rank + tp_rank: inside a replica, as SGLang numbers
+    its schedulers; replicas side by side, as its data-parallel controller places them.
     """
 
     tp: int
     pp: int
     world_size: int
+    dp: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp} pp={self.pp}")
-        if self.tp * self.pp > self.world_size:
+        if self.tp < 1 or self.pp < 1 or self.dp < 1:
+            raise ValueError(f"dp, tp and pp must be >= 1, got dp={self.dp} tp={self.tp} "
+                             f"pp={self.pp}")
+        if self.num_active > self.world_size:
             raise ValueError(
-                f"tp*pp = {self.tp * self.pp} exceeds the {self.world_size} ranks available"
+                f"dp*tp*pp = {self.num_active} exceeds the {self.world_size} ranks available"
             )
 
     @property
-    def num_active(self) -> int:
+    def replica_size(self) -> int:
+        """Ranks of one replica (tp*pp)."""
         return self.tp * self.pp
+
+    @property
+    def num_active(self) -> int:
+        return self.dp * self.replica_size
 
     @property
     def active_ranks(self) -> range:
@@ -74,16 +83,33 @@ class Topology:
     def is_active(self, rank: int) -> bool:
         return 0 <= rank < self.num_active
 
-    def rank(self, pp_rank: int, tp_rank: int) -> int:
-        if not (0 <= pp_rank < self.pp and 0 <= tp_rank < self.tp):
-            raise ValueError(f"(pp_rank={pp_rank}, tp_rank={tp_rank}) outside {self}")
-        return self.tp * pp_rank + tp_rank
+    def rank(self, pp_rank: int, tp_rank: int, replica: int = 0) -> int:
+        if not (0 <= pp_rank < self.pp and 0 <= tp_rank < self.tp and 0 <= replica < self.dp):
+            raise ValueError(f"(replica={replica}, pp_rank={pp_rank}, tp_rank={tp_rank}) "
+                             f"outside {self}")
+        return replica * self.replica_size + self.tp * pp_rank + tp_rank
 
     def coords(self, rank: int) -> tuple[int, int]:
-        """(pp_rank, tp_rank) of an active rank."""
+        """(pp_rank, tp_rank) of an active rank inside its replica."""
         if not self.is_active(rank):
             raise ValueError(f"rank {rank} is parked in {self}")
-        return divmod(rank, self.tp)
+        return divmod(rank % self.replica_size, self.tp)
+
+    def replica(self, rank: int) -> int:
+        """The replica an active rank serves."""
+        if not self.is_active(rank):
+            raise ValueError(f"rank {rank} is parked in {self}")
+        return rank // self.replica_size
+
+    def replica_ranks(self, replica: int) -> range:
+        if not 0 <= replica < self.dp:
+            raise ValueError(f"replica {replica} outside 0..{self.dp - 1}")
+        return range(replica * self.replica_size, (replica + 1) * self.replica_size)
+
+    @property
+    def heads(self) -> list[int]:
+        """Each replica's first rank (the one SGLang feeds requests to)."""
+        return [r * self.replica_size for r in range(self.dp)]
 
     def check_model(self, shape: ModelShape) -> None:
         """Raise ValueError naming the constraint SGLang would reject this layout for."""
@@ -158,16 +184,20 @@ def tp_kv_head_range(num_kv_heads: int, tp_rank: int, tp: int) -> range:
     return range(tp_rank * per, (tp_rank + 1) * per)
 
 
-def layouts(world_size: int, shape: ModelShape) -> list[Topology]:
+def layouts(world_size: int, shape: ModelShape, replicas: bool = False) -> list[Topology]:
     """Every (tp, pp) layout of at most `world_size` ranks that can run `shape`, by tp
-    then pp (the candidates of a reshape, a plan or a policy)."""
+    then pp (the candidates of a reshape, a plan or a policy); with `replicas`, also
+    every layout of dp >= 2 replicas that uses all the ranks, by dp."""
     out = []
-    for tp in range(1, world_size + 1):
-        for pp in range(1, world_size // tp + 1):
-            topo = Topology(tp, pp, world_size)
-            try:
-                topo.check_model(shape)
-            except ValueError:
-                continue
-            out.append(topo)
+    for dp in range(1, world_size + 1 if replicas else 2):
+        for tp in range(1, world_size // dp + 1):
+            for pp in range(1, world_size // (dp * tp) + 1):
+                if dp > 1 and dp * tp * pp != world_size:
+                    continue
+                topo = Topology(tp, pp, world_size, dp)
+                try:
+                    topo.check_model(shape)
+                except ValueError:
+                    continue
+                out.append(topo)
     return out

@@ -31,11 +31,11 @@ def test_one_rank_holds_the_whole_model(name):
 def test_capacity_fits_every_rank_and_is_the_most_that_does(name, world):
     model = MODELS[name]
     kv, wb = model.shape, 2
-    for launch in [t for t in layouts(world, kv) if t.num_active == world]:
+    for launch in [t for t in layouts(world, kv, replicas=True) if t.num_active == world]:
         for slots in (64, 1000):
             budgets = launch_budgets(model, kv, launch, slots, wb)
             assert kv_capacity(budgets, model, kv, launch, wb) == slots  # launch round trip
-            for topo in layouts(world, kv):
+            for topo in layouts(world, kv, replicas=True):
                 try:
                     cap = kv_capacity(budgets, model, kv, topo, wb)
                 except ValueError as error:  # weights alone over some rank's budget
@@ -48,6 +48,15 @@ def test_capacity_fits_every_rank_and_is_the_most_that_does(name, world):
                 assert all(use[r] <= budgets[r] for r in use), (launch, topo)
                 assert any(use[r] + kv_slot_bytes(kv, topo, r) > budgets[r] for r in use)
                 assert kv_capacity(budgets, model, kv, topo, wb, token_cap=10) == min(cap, 10)
+
+
+def test_each_replica_holds_as_many_tokens_as_one_instance_of_its_shape():
+    """A replica's ranks have the same weights as a lone instance of its (tp, pp): DP 2
+    x TP 1 holds per replica what TP 1 holds."""
+    model, kv = MODELS["mha"], MODELS["mha"].shape
+    budgets = launch_budgets(model, kv, Topology(2, 1, 2), 1000, 4)
+    assert kv_capacity(budgets, model, kv, Topology(1, 1, 2, dp=2), 4) == \
+        kv_capacity(budgets, model, kv, Topology(1, 1, 2), 4)
 
 
 def test_fewer_ranks_hold_fewer_tokens_than_the_kv_bytes_alone_would():

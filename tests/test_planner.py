@@ -132,6 +132,40 @@ def test_kv_plan_exhaustive(name):
     assert count > 200
 
 
+def check_flow_plan(plan: KVPlan) -> None:
+    """Per flow: every slice of every rank of its new replica arrives exactly once, from a
+    rank of its old replica that holds it."""
+    old, new, shape = plan.old, plan.new, plan.shape
+    L, K = shape.num_layers, shape.num_kv_heads
+    for f, (a, b) in enumerate(plan.flows):
+        got: Counter = Counter()
+        for m in (m for m in plan.moves if m.flow == f):
+            assert old.replica(m.src) == a and new.replica(m.dst) == b
+            for layer, head in itertools.product(m.layers, m.heads):
+                assert layer in old.layer_range(m.src, L) and head in old.kv_head_range(m.src, K)
+                got[(m.dst, layer, head)] += 1
+        want = {(d, layer, head) for d in new.replica_ranks(b)
+                for layer in new.layer_range(d, L) for head in new.kv_head_range(d, K)}
+        assert set(got) == want and all(c == 1 for c in got.values()), (old, new, a, b)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_kv_plan_between_replicas_exhaustive(name):
+    shape = SHAPES[name]
+    count = 0
+    for world in range(1, 9):
+        full = [t for t in layouts(world, shape, replicas=True) if t.num_active == world]
+        for old, new in itertools.product(full, repeat=2):
+            flows = list(itertools.product(range(old.dp), range(new.dp)))
+            plan = plan_kv(old, new, shape, flows)
+            check_flow_plan(plan)
+            if old == new:  # a replica's own tokens stay on its own ranks
+                same = [f for f, (a, b) in enumerate(plan.flows) if a == b]
+                assert all(m.is_local for m in plan.moves if m.flow in same)
+            count += 1
+    assert count > 100
+
+
 def test_kv_plan_spreads_replicated_sends():
     shape = ModelShape(num_layers=8, num_heads=8, num_kv_heads=2, head_dim=16)
     plan = plan_kv(Topology(4, 1, 4), Topology(1, 1, 4), shape)
