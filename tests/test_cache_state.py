@@ -6,8 +6,10 @@ from __future__ import annotations
 from array import array
 
 import numpy as np
+import pytest
 import torch
 
+from remp_sglang.engine import CapacityError
 from remp_sglang.integration.cache_state import (
     CacheState,
     decode_state,
@@ -68,3 +70,62 @@ def test_export_import_round_trip_through_sglangs_tree():
     assert torch.equal(dst.token_to_kv_pool_allocator.free_pages,
                        src.token_to_kv_pool_allocator.free_pages)
     assert int(dst.tree_cache.evictable_size()) == state.cached_tokens
+
+
+def _record(rid: str):
+    from remp_sglang.integration.step_boundary import RequestRecord
+
+    return RequestRecord(rid=rid, recv=b"", output_ids=[], max_new_tokens=4,
+                         logprob_start_len=-1, retraction_count=0, retracted=False)
+
+
+def test_merging_replicas_unions_their_trees_and_queues():
+    """DP 2 -> 1: a prefix both replicas cached is kept once (the first's copy, the
+    second's slots stay behind); every other path and every request is carried."""
+    from remp_sglang.integration.replicas import place
+    from remp_sglang.topology import Topology
+
+    system = list(range(100, 130))
+    one, two = standalone_tree(256), standalone_tree(256)
+    _insert(one, system + [1, 2, 3])
+    _insert(two, [9, 9])  # replica 2's own slots start where replica 1's did
+    _insert(two, system + [1, 2, 3])  # the same prompt, cached by both
+    _insert(two, system + [4, 5])
+    states = [export_state(one), export_state(two)]
+    states[0].requests, states[0].decoding = [_record("a")], ["a"]
+    states[1].requests, states[1].decoding = [_record("b"), _record("c")], ["b"]
+    old, new = Topology(1, 1, 2, dp=2), Topology(2, 1, 2)
+    (merged,), flows = place(states, old, new, capacity=100)
+    want = {tuple(system + [1, 2, 3]), tuple(system + [4, 5]), (9, 9)}
+    assert {tuple(t.tolist()) for t, _, _ in merged.leaf_paths()} == want
+    assert merged.cached_tokens == 33 + 2 + 2  # the shared 33 tokens once
+    assert [r.rid for r in merged.requests] == ["a", "b", "c"]
+    assert merged.decoding == ["a", "b"]
+    assert [(f.src_replica, f.dst_replica, f.src_slots.numel()) for f in flows] == [
+        (0, 0, 33), (1, 0, 4)]
+    moved = torch.cat([f.dst_slots for f in flows])
+    assert sorted(moved.tolist()) == list(range(1, 38))  # dense, each slot once
+    assert np.array_equal(np.sort(merged.live_slots), np.arange(1, 38))
+    # what replica 2 sends is its own suffix [4, 5] and [9, 9], not the shared prefix
+    paths = {tuple(t.tolist()): s.tolist() for t, s, _ in states[1].leaf_paths()}
+    assert set(flows[1].src_slots.tolist()) == set(paths[(9, 9)]) | set(
+        paths[tuple(system + [4, 5])][-2:])
+    with pytest.raises(CapacityError, match="merged replica holds 30"):
+        place(states, old, new, capacity=30)
+
+
+def test_splitting_copies_the_tree_to_every_replica_and_deals_the_requests():
+    from remp_sglang.integration.replicas import place
+    from remp_sglang.topology import Topology
+
+    src = standalone_tree(256)
+    _insert(src, list(range(10, 50)))
+    state = export_state(src)
+    state.requests = [_record(r) for r in "abc"]
+    state.decoding = ["a", "b"]
+    new_states, flows = place([state], Topology(2, 1, 2), Topology(1, 1, 2, dp=2), 100)
+    for b, new_state in enumerate(new_states):
+        assert _paths(new_state) == _paths(state)  # the same slots: they fit
+        assert (flows[b].src_replica, flows[b].dst_replica) == (0, b)
+    assert [[r.rid for r in s.requests] for s in new_states] == [["a", "c"], ["b"]]
+    assert [s.decoding for s in new_states] == [["a"], ["b"]]
