@@ -106,6 +106,10 @@ class Topology:
             raise ValueError(f"replica {replica} outside 0..{self.dp - 1}")
         return range(replica * self.replica_size, (replica + 1) * self.replica_size)
 
+    def layout(self) -> dict[str, int]:
+        """{"dp", "tp", "pp"}: how replies and routes name a layout."""
+        return {"dp": self.dp, "tp": self.tp, "pp": self.pp}
+
     @property
     def heads(self) -> list[int]:
         """Each replica's first rank (the one SGLang feeds requests to)."""

@@ -47,8 +47,8 @@ def test_reshape_request_validation_names_the_reason() -> None:
                          num_key_value_heads=2, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=3, vocab_size=300, tie_word_embeddings=False)
     config = RempConfig(launch_tp=8, launch_pp=1)
-    assert validate_layout({"tp": 4, "pp": 2}, config, hf) == (4, 2)
-    assert validate_layout({"tp": 2}, config, hf) == (2, 1)
+    assert validate_layout({"tp": 4, "pp": 2}, config, hf).layout() == {"dp": 1, "tp": 4, "pp": 2}
+    assert validate_layout({"tp": 2}, config, hf).layout() == {"dp": 1, "tp": 2, "pp": 1}
     for body, reason in [
         ({"tp": 3}, "attention heads"),
         ({"tp": 1, "pp": 4}, "exceeds the 3 layers"),
@@ -56,11 +56,18 @@ def test_reshape_request_validation_names_the_reason() -> None:
         ({"tp": 2.0}, "integer"),
         ({"pp": -1}, ">= 1"),
         ({"tp": 1, "layout": 1}, "unknown fields"),
+        ({"dp": 2, "tp": 4}, "launch with --dp-size"),
         ("tp=2", "JSON object"),
     ]:
         with pytest.raises(ValueError, match=reason):
             validate_layout(body, config, hf)
-    assert validate_layout({"tp": 8}, config, hf) == (8, 1)  # GPU: KV heads replicated
+    assert validate_layout({"tp": 8}, config, hf).tp == 8  # GPU: KV heads replicated
+    replicas = RempConfig(launch_tp=4, launch_pp=1, launch_dp=2)  # replicas start at 0, 4
+    assert validate_layout({"dp": 1, "tp": 8}, replicas, hf).layout() == {
+        "dp": 1, "tp": 8, "pp": 1}
+    assert validate_layout({"dp": 2, "tp": 2, "pp": 2}, replicas, hf).num_active == 8
+    with pytest.raises(ValueError, match="first rank must be one SGLang feeds"):
+        validate_layout({"dp": 4, "tp": 2}, replicas, hf)  # would start replicas at 2, 6
     with pytest.raises(ValueError, match="on CPU, tp=8 must divide the 2 KV heads"):
         validate_layout({"tp": 8}, config, hf, cpu=True)
     with pytest.raises(ValueError, match="tied word embeddings"):

@@ -31,6 +31,7 @@ class RempConfig:
 
     launch_tp: int = 1
     launch_pp: int = 1
+    launch_dp: int = 1  # --dp-size: replicas, fed by SGLang's data-parallel controller
     initial_tp: int | None = None
     initial_pp: int | None = None
     plane_path: str = ""  # the control/migration plane's store (a private directory)
@@ -44,11 +45,12 @@ class RempConfig:
 
     @property
     def launch_world_size(self) -> int:
-        return self.launch_tp * self.launch_pp
+        return self.launch_dp * self.launch_tp * self.launch_pp
 
     def validate(self) -> None:
-        if self.launch_tp < 1 or self.launch_pp < 1:
-            raise ValueError(f"invalid launch layout tp={self.launch_tp} pp={self.launch_pp}")
+        if self.launch_tp < 1 or self.launch_pp < 1 or self.launch_dp < 1:
+            raise ValueError(f"invalid launch layout dp={self.launch_dp} tp={self.launch_tp} "
+                             f"pp={self.launch_pp}")
         for name in ("initial_tp", "initial_pp"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -57,11 +59,12 @@ class RempConfig:
             raise ValueError("--remp-reshape-timeout and --remp-stall-timeout must be > 0")
         tp = self.initial_tp or self.launch_tp
         pp = self.initial_pp or self.launch_pp
-        if tp * pp > self.launch_world_size:
+        if self.launch_dp * tp * pp > self.launch_world_size:
             raise ValueError(
-                f"--remp initial layout tp={tp} pp={pp} needs {tp * pp} ranks, but the server "
-                f"is launched with {self.launch_world_size} (--tp {self.launch_tp} "
-                f"--pp-size {self.launch_pp}); launch at the largest layout you will use"
+                f"--remp initial layout tp={tp} pp={pp} needs {self.launch_dp * tp * pp} ranks, "
+                f"but the server is launched with {self.launch_world_size} (--dp-size "
+                f"{self.launch_dp} --tp {self.launch_tp} --pp-size {self.launch_pp}); launch at "
+                "the largest layout you will use"
             )
 
     def to_json(self) -> str:

@@ -24,12 +24,14 @@ class RempTopologyReqOutput(BaseReq, kw_only=True):
 
     tp: int = 0
     pp: int = 0
+    dp: int = 1
     world_size: int = 0
     active_ranks: list[int] = msgspec.field(default_factory=list)
     state: str = "unknown"
     kv_capacity_tokens: int = 0
     launch_tp: int = 0
     launch_pp: int = 0
+    launch_dp: int = 1
     launch_world_size: int = 0
     initial_tp: int | None = None
     initial_pp: int | None = None
@@ -54,13 +56,16 @@ def register_message_types() -> None:
 
 
 class RempReshapeReqInput(BaseReq, kw_only=True):
-    """Switch the live layout to (tp, pp); the new world rendezvouses on dist_port (the
-    old one on rollback_port if it must be rebuilt); every rank gives up by deadline."""
+    """Switch the live layout to (dp, tp, pp); replica r of the new layout rendezvouses on
+    dist_ports[r] (of the old one, on rollback_ports[r] if it must be rebuilt); every rank
+    gives up by deadline."""
 
     tp: int = 0
     pp: int = 0
-    dist_port: int = 0
-    rollback_port: int = 0
+    dp: int = 1
+    dist_ports: list[int] = msgspec.field(default_factory=list)
+    rollback_ports: list[int] = msgspec.field(default_factory=list)
+    heads: list[int] = msgspec.field(default_factory=list)  # launch replicas to reach
     deadline: float = 0.0  # wall clock
     nonce: str = ""  # the reply carries it back: only its own caller takes it
 
@@ -92,10 +97,11 @@ MESSAGE_TYPES = MESSAGE_TYPES + (RempKVDigestReqInput, RempKVDigestReqOutput)
 
 
 class RempPlanReqInput(BaseReq, kw_only=True):
-    """A reshape's dry run: what switching to (tp, pp) would move, evict and refuse."""
+    """A reshape's dry run: what switching to (dp, tp, pp) would move, evict and refuse."""
 
     tp: int = 0
     pp: int = 0
+    dp: int = 1
 
 
 class RempPlanReqOutput(BaseReq, kw_only=True):
@@ -104,3 +110,12 @@ class RempPlanReqOutput(BaseReq, kw_only=True):
 
 
 MESSAGE_TYPES = MESSAGE_TYPES + (RempPlanReqInput, RempPlanReqOutput)
+
+
+class RempReplicasReq(BaseReq, kw_only=True):
+    """To the data-parallel controller: feed requests to these launch replicas only."""
+
+    workers: list[int] = msgspec.field(default_factory=list)
+
+
+MESSAGE_TYPES = MESSAGE_TYPES + (RempReplicasReq,)

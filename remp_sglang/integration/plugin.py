@@ -17,8 +17,9 @@ launcher/HTTP process, each scheduler, the detokenizer). What it does there:
   scheduler processes) and in the environment variable ``REMP_SGLANG_CONFIG`` (inherited
   by the spawned processes), registers the REMP message types with SGLang's msgpack
   decoder and adds the HTTP routes and the health gate (`routes`) to SGLang's FastAPI app.
-* Spawned processes with ``REMP_SGLANG_CONFIG`` set: register the message types and, in
-  scheduler processes, add the REMP request handlers to ``Scheduler._request_dispatcher``.
+* Spawned processes with ``REMP_SGLANG_CONFIG`` set: register the message types; in
+  scheduler processes, add the REMP hooks (`scheduler_hooks`); in the data-parallel
+  controller (``--dp-size`` > 1), feed only the live layout's replicas (`dp_controller`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from remp_sglang.integration.config import (
 logger = logging.getLogger("sglang.srt.remp")
 
 _SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
+_DPC_MODULE = "sglang.srt.managers.data_parallel_controller"
 
 _registered_cli_hooks = False
 _enabled_main = False
@@ -114,13 +116,12 @@ def activate(
 ) -> RempConfig:
     """Turn remp on in this (launcher) process, before SGLang spawns its schedulers."""
     check_sglang_version()
-    config = RempConfig(launch_tp=launch_tp, launch_pp=launch_pp, initial_tp=initial_tp,
+    config = RempConfig(launch_tp=launch_tp, launch_pp=launch_pp, launch_dp=dp_size,
+                        initial_tp=initial_tp,
                         initial_pp=initial_pp, plane_path=private_plane_path(),
                         initial_dist_port=free_port(), reshape_timeout_s=reshape_timeout_s,
                         stall_timeout_s=stall_timeout_s)
     config.validate()
-    if dp_size != 1:
-        raise ValueError(f"--remp supports --dp-size 1 only, got {dp_size}")
     if tokenizer_workers != 1:
         raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
     os.environ[ENV_CONFIG] = config.to_json()  # inherited by the spawned processes
@@ -163,6 +164,15 @@ def _enable_subprocess(config: RempConfig) -> None:
     # Scheduler processes import the scheduler module before load_plugins() runs (their
     # entry function lives there); elsewhere (detokenizer) there is no scheduler to hook,
     # and resolving the hook target would import it for nothing.
+    if _DPC_MODULE in sys.modules and config.launch_dp > 1:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        from remp_sglang.integration import dp_controller
+
+        HookRegistry.register(f"{_DPC_MODULE}.DataParallelController.__init__",
+                              dp_controller.after_controller_init, HookType.AFTER)
+        HookRegistry.register(f"{_DPC_MODULE}.DPBudget.dispatch",
+                              dp_controller.around_budget_dispatch, HookType.AROUND)
     if _SCHEDULER_MODULE in sys.modules:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

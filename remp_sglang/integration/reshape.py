@@ -33,7 +33,7 @@ import msgspec
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError, transport_for
-from remp_sglang.engine import CapacityError, KVPool, migrate_kv, reshard_weights
+from remp_sglang.engine import CapacityError, KVPool, migrate_kv_flows, reshard_weights
 from remp_sglang.memory import kv_capacity
 from remp_sglang.predict import DowntimeModel, predict_transfer
 from remp_sglang.topology import ModelShape, Topology
@@ -49,9 +49,9 @@ from .cache_state import (
 )
 from .faults import fault_point
 from .model_state import local_params, weights_from_memory
+from .replicas import place, room_share, sources
 from .step_boundary import (
     CarryRefused,
-    adopt_requests,
     check_joinable,
     checkpoint_requests,
     clear_requests,
@@ -60,6 +60,7 @@ from .step_boundary import (
     export_requests,
     kv_requests,
     make_room,
+    rebuild_queue,
     room_needed,
 )
 
@@ -78,17 +79,22 @@ class ReshapeOrder:
     epoch: int
     tp: int
     pp: int
-    dist_port: int  # the new world's rendezvous
-    rollback_port: int  # the old world's, if it must be rebuilt
+    dist_ports: tuple[int, ...]  # each new replica's world rendezvous
+    rollback_ports: tuple[int, ...]  # each old replica's, if it must be rebuilt
     deadline: float  # wall clock: every rank gives up (and rolls back) by then
+    dp: int = 1
 
     def validate(self, world_size: int, epoch: int) -> None:
         """Checked on receipt by every rank (parked ones read it from the store)."""
         if self.epoch != epoch:
             raise ValueError(f"order for epoch {self.epoch}, expected {epoch}")
-        if not (1 <= self.tp and 1 <= self.pp and self.tp * self.pp <= world_size):
-            raise ValueError(f"order tp={self.tp} pp={self.pp} does not fit {world_size} ranks")
-        for port in (self.dist_port, self.rollback_port):
+        if not (1 <= self.tp and 1 <= self.pp and 1 <= self.dp
+                and self.dp * self.tp * self.pp <= world_size):
+            raise ValueError(f"order dp={self.dp} tp={self.tp} pp={self.pp} does not fit "
+                             f"{world_size} ranks")
+        if len(self.dist_ports) < self.dp or not self.rollback_ports:
+            raise ValueError("order: a rendezvous port for every replica is needed")
+        for port in self.dist_ports + self.rollback_ports:
             if not 0 < port < 65536:
                 raise ValueError(f"order port {port} out of range")
 
@@ -111,6 +117,7 @@ class RempRuntime:
     launch_overlap: bool  # the overlap scheduler as launched (PP layouts turn it off)
     launch_cpus: list[set[int]]  # cores of each launch rank
     reshape_timeout_s: float  # bound of a reshape, and again of its rollback
+    launch_dp: int = 1  # replicas at launch (more: SGLang's data-parallel controller feeds them)
     epoch: int = 0
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
@@ -126,6 +133,7 @@ class RempRuntime:
     downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero
     runners: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # leak checks
     staging: torch.Tensor | None = None
+    launch_channels: Any = None  # this process's IPC channels as launched
 
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo` under each rank's launch budget (`remp_sglang.memory`):
@@ -211,7 +219,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
 def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
              t_boundary: float | None) -> dict:
     old = rt.topology
-    new = Topology(order.tp, order.pp, old.world_size)
+    new = Topology(order.tp, order.pp, old.world_size, order.dp)
     rank, t0 = rt.launch_rank, time.perf_counter()
     t_boundary = t0 if t_boundary is None else t_boundary
     was_active, now_active = old.is_active(rank), new.is_active(rank)
@@ -243,16 +251,18 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     carried, evicted, chunked = 0, 0, False
     try:
         new.check_model(rt.decoder.shape)
+        if len(order.dist_ports) < new.dp or len(order.rollback_ports) < old.dp:
+            raise ValueError("the order lacks a rendezvous port for some replica")
         new_size = rt.capacity_for(new)
-        if was_active:  # every old-active rank alike: their replicated state stays equal
+        if was_active:  # every rank of a replica alike: their replicated state stays equal
             reqs = kv_requests(sched)
-            if any(not old.is_active(r) for r in new.active_ranks):
-                check_joinable(sched, reqs)
+            if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
+                check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
             chunked = any(r is sched.chunked_req for r in reqs)
-            evicted = make_room(sched, reqs, new_size)
+            evicted = make_room(sched, reqs, room_share(old, new, new_size))
             checkpoint_requests(sched, reqs)
             carried = len(reqs)
-        if was_active and rank == 0:
+        if was_active and rank in old.heads:
             exported = export_state(sched)
             exported.requests = export_requests(sched)
             exported.decoding = decoding_rids(sched, reqs)
@@ -274,8 +284,12 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         error = exc
     try:
         rt.ctrl.agree(error, "reshape preparation")
-        # Every rank rebuilds from rank zero's export (and falls back on it).
-        state = decode_state(rt.ctrl.broadcast_bytes(encoded), rt.pool_size)
+        # Every rank learns every old replica's export (from its head), and derives the
+        # same placement: each new replica's tree and queue, and the slot flows.
+        states = [decode_state(rt.ctrl.broadcast_bytes(encoded if rank == head else None,
+                                                        root=head), rt.pool_size)
+                  for head in old.heads]
+        new_states, flows = place(states, old, new, new_size)
         times["prepare_s"] = time.perf_counter() - t0
 
         step, t = "weights", time.perf_counter()
@@ -290,24 +304,22 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         new_kv = None
         if new_pool_obj is not None:
             new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
-        live = torch.from_numpy(state.live_slots)
-        kv = migrate_kv(rt.ctrl, old, new, kv_shape, old_pool, live, new_size + 1,
-                        dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
-                        staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(device),
-                        fault=lambda at, r: fault(step) if at == "gather" else None)
+        kv = migrate_kv_flows(rt.ctrl, old, new, kv_shape, old_pool, flows, new_size + 1,
+                              dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
+                              staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(device),
+                              fault=lambda at, r: fault(step) if at == "gather" else None)
         times["kv_s"] = time.perf_counter() - t
     except Exception as exc:  # agreed on (or bounded by the deadline on every rank)
         raise ReshapeFailed(step, exc, rolled_back=False) from exc
     del old_pool
-    new_state = state
-    if kv.compacted or new_size != rt.pool_size:  # slots moved, or the free list changes
-        new_state = state.remap(live.numpy(), kv.new_slots.cpu().numpy(), new_size)
+    own = states[old.replica(rank)] if was_active else None  # what a rollback rebuilds
+    mine = new_states[new.replica(rank)] if now_active else None
 
     # 4-5: the old world goes away and the new one is built. A failure anywhere here is
     # agreed on, and every rank rebuilds the old world from what it kept: its weights,
-    # its pool (only read so far) and the export (`_rollback`). Every rank confirms it
-    # is ready before any enters the new world's rendezvous, which blocks (in c10d) for
-    # a peer that never comes.
+    # its pool (only read so far) and its replica's export (`_rollback`). Every rank
+    # confirms it is ready before any enters the new world's rendezvous, which blocks
+    # (in c10d) for a peer that never comes.
     error = None
     try:
         step, t = "teardown", time.perf_counter()
@@ -320,29 +332,30 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             fault(step)
     except Exception as exc:
         error = exc
-    _agree_or_roll_back(sched, rt, error, "new world rendezvous", step, old, new, order, state,
+    _agree_or_roll_back(sched, rt, error, "new world rendezvous", step, old, new, order, own,
                         old_params, old_pool_obj)
     error = None
     try:
         if now_active:
             t = time.perf_counter()
-            _init_world(sched, rank, new, order.dist_port, order.deadline)
+            port = order.dist_ports[new.replica(rank)]
+            _init_world(sched, rt, new, port, order.deadline)
             times["world_s"] = time.perf_counter() - t
             step, t = "model", time.perf_counter()
             fault(step)
-            _build_worker(sched, weights.params, new_pool_obj, new_size, order.dist_port)
+            _build_worker(sched, weights.params, new_pool_obj, new_size, port)
             times["model_s"] = time.perf_counter() - t
             step, t = "cache_import", time.perf_counter()
             fault(step)
-            import_state(sched, new_state, new_size)
-            _refresh_scheduler(sched)
-            if not was_active:  # a joining rank: rank zero's queue, request by request
-                adopt_requests(sched, state.requests)
-                sched._engine_paused = state.engine_paused
+            import_state(sched, mine, new_size)
+            _refresh_scheduler(sched, rt, new)
+            rebuild_queue(sched, mine.requests)
+            if not was_active:
+                sched._engine_paused = mine.engine_paused
             # Admission depends on this estimate: every rank of the new world takes rank
             # zero's, so the carried requests are re-admitted as they were running (a
             # reset to the conservative start value held some back for seconds).
-            sched.new_token_ratio_tracker.current = state.new_token_ratio
+            sched.new_token_ratio_tracker.current = mine.new_token_ratio
             times["cache_state_s"] = time.perf_counter() - t
         step = "rebind"
         fault(step)
@@ -350,34 +363,39 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     except Exception as exc:
         error = exc
     sent = [kv.stats.bytes_sent, weights.stats.bytes_sent]
-    infos = _agree_or_roll_back(sched, rt, error, "new layout", step, old, new, order, state,
+    infos = _agree_or_roll_back(sched, rt, error, "new layout", step, old, new, order, own,
                                 old_params, old_pool_obj, info=sent)
 
     # Committed: what the old layout kept goes.
     del weights, old_params, old_pool_obj
     if was_active and not now_active:
         clear_requests(sched)
-    rt.resume = set(state.decoding) if now_active else None
     rt.topology, rt.pool_size = new, new_size
+    rt.resume = set(mine.decoding) if now_active else None
     times["total_s"] = time.perf_counter() - t0
     downtime = time.perf_counter() - t_boundary
+    live = sum(f.src_slots.numel() for f in flows)
+    pairs = [(f.src_replica, f.dst_replica) for f in flows]
     report = {
-        "old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
+        "old": old.layout(), "new": new.layout(),
         "kv_bytes_moved": sum(i[0] for i in infos),
         "weight_bytes_moved": sum(i[1] for i in infos),
-        "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": int(live.numel()),
+        "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": live,
         "transport": transport_for(device),
-        "kv_capacity_tokens": new_size, "kv_slots_compacted": kv.compacted,
+        "kv_capacity_tokens": new_size,
+        "kv_slots_compacted": any(not torch.equal(f.src_slots, f.dst_slots) for f in flows),
         "max_req_input_len": getattr(sched, "max_req_input_len", None),
-        "cached_tokens_before": state.cached_tokens,
+        "cached_tokens_before": sum(s.cached_tokens for s in states),
         "cached_tokens_after": export_state(sched).cached_tokens if now_active and rank == 0
         else None,
         "requests_carried": carried, "chunked_prefill_carried": chunked,
-        "requests_decoding": len(state.decoding), "requests_resumed_decoding": 0,
+        "requests_decoding": sum(len(s.decoding) for s in states),
+        "requests_resumed_decoding": 0,
         "cached_tokens_evicted": evicted,
-        "queued_requests": len(state.requests),
+        "queued_requests": sum(len(s.requests) for s in states),
         "max_rank_bytes": predict_transfer(old, new, rt.decoder, kv_shape,
-                                           int(live.numel())).max_rank_bytes,
+                                           [f.src_slots.numel() for f in flows],
+                                           pairs).max_rank_bytes,
         "predicted": predicted and {k: predicted[k] for k in PREDICTED},
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
@@ -386,7 +404,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         logger.info("remp: reshape %d phase %s %.4f s (rank %d)", order.epoch, phase, seconds,
                     rank)
     logger.info("remp: reshape %d %s -> %s done on rank %d: downtime %.4f s, moved %d B KV "
-                "and %d B weights", order.epoch, (old.tp, old.pp), (new.tp, new.pp), rank,
+                "and %d B weights", order.epoch, old.layout(), new.layout(), rank,
                 downtime, report["kv_bytes_moved"], report["weight_bytes_moved"])
     return report
 
@@ -408,14 +426,17 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
     try:
         new.check_model(rt.decoder.shape)
         size = rt.capacity_for(new)
-        if any(not old.is_active(r) for r in new.active_ranks):
-            check_joinable(sched, reqs)
-        evict = max(0, room_needed(sched, reqs, size))
+        if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
+            check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
+        evict = max(0, room_needed(sched, reqs, room_share(old, new, size)))
     except (CapacityError, CarryRefused, ValueError) as error:
         refused = str(error)
     kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
-    transfer = predict_transfer(old, new, rt.decoder, kv_shape, max(0, live - evict))
-    return {"old": {"tp": old.tp, "pp": old.pp}, "new": {"tp": new.tp, "pp": new.pp},
+    # With replicas, this rank sees its own replica: every flow is predicted at its size.
+    pairs = [(a, b) for b, srcs in enumerate(sources(old, new)) for a in srcs]
+    transfer = predict_transfer(old, new, rt.decoder, kv_shape,
+                                [max(0, live - evict)] * len(pairs), pairs)
+    return {"old": old.layout(), "new": new.layout(),
             "refused": refused is not None, "reason": refused,
             "kv_capacity_tokens": size, "live_kv_slots": live, "requests_carried": len(reqs),
             "cached_tokens_evicted": evict, **transfer.to_json(),
@@ -425,7 +446,7 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
 
 def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None, what: str,
                         step: str, old: Topology, new: Topology, order: ReshapeOrder,
-                        state: CacheState, old_params: dict, old_pool_obj: Any,
+                        state: CacheState | None, old_params: dict, old_pool_obj: Any,
                         info: Any = None) -> list:
     """Agree on a step past teardown; on abort, roll back and raise `ReshapeFailed`."""
     try:
@@ -436,10 +457,10 @@ def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None
 
 
 def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: ReshapeOrder,
-              state: CacheState, old_params: dict, old_pool_obj: Any) -> None:
+              state: CacheState | None, old_params: dict, old_pool_obj: Any) -> None:
     """Serve the old layout again after a failure past teardown: every rank drops what it
     built of the new world; old-active ranks rebuild theirs from their kept weights, pool
-    and the export; joining ranks drop the requests they adopted. Waits for every rank
+    and their replica's export; joining ranks drop the requests they adopted. Waits for every rank
     (a frozen one too) until the reshape timeout."""
     rank = rt.launch_rank
     rt.ctrl.deadline = deadline = time.time() + rt.reshape_timeout_s
@@ -454,10 +475,12 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
     rt.ctrl.agree(error, "rollback rendezvous", patient=True)
     try:
         if old.is_active(rank):
-            _init_world(sched, rank, old, order.rollback_port, deadline)
-            _build_worker(sched, old_params, old_pool_obj, rt.pool_size, order.rollback_port)
+            port = order.rollback_ports[old.replica(rank)]
+            _init_world(sched, rt, old, port, deadline)
+            _build_worker(sched, old_params, old_pool_obj, rt.pool_size, port)
             import_state(sched, state, rt.pool_size)
-            _refresh_scheduler(sched)
+            _refresh_scheduler(sched, rt, old)
+            rebuild_queue(sched, state.requests)  # its own replica's queue again
             sched.new_token_ratio_tracker.current = state.new_token_ratio
         elif new.is_active(rank):
             clear_requests(sched)
@@ -466,8 +489,8 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
         logger.exception("remp: rollback failed on rank %d", rank)
         error = exc
     rt.ctrl.agree(error, "rollback", patient=True)
-    logger.warning("remp: reshape %d rolled back to tp=%d pp=%d on rank %d", order.epoch,
-                   old.tp, old.pp, rank)
+    logger.warning("remp: reshape %d rolled back to %s on rank %d", order.epoch,
+                   old.layout(), rank)
 
 
 def kv_dtypes(pool: Any) -> tuple[torch.dtype, torch.dtype]:
@@ -592,18 +615,22 @@ def _close_device_communicators(parallel_state: Any) -> None:
             nccl.comm, nccl.disabled = None, True
 
 
-def _init_world(sched: Any, rank: int, topo: Topology, port: int, deadline: float) -> None:
-    """SGLang's world for `topo` on `port`; its rendezvous (and the new groups'
-    collectives) are bounded by what is left of the reshape's time."""
+def _init_world(sched: Any, rt: RempRuntime, topo: Topology, port: int,
+                deadline: float) -> None:
+    """SGLang's world for this rank's replica of `topo` on `port` (a replica is a world of
+    its own, as SGLang's data-parallel controller launches them); its rendezvous (and the
+    new groups' collectives) are bounded by what is left of the reshape's time."""
     from sglang.srt.distributed import bootstrap
     from sglang.srt.runtime_context import derive_spawn_ranks, get_context, get_parallel
 
     tp, pp = topo.tp, topo.pp
+    rank = rt.launch_rank % topo.replica_size  # inside its replica
     ranks = derive_spawn_ranks(world_rank=rank, tp_size=tp, ep_join_rank_offset=0,
                                attn_cp_size=1, attn_tp_size=tp, moe_dp_size=1, moe_ep_size=1)
+    dp_rank = topo.replica(rt.launch_rank) if rt.launch_dp > 1 else None
     ranks.update(tp_size=tp, pp_size=pp, attn_tp_size=tp, moe_tp_size=tp,
-                 attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0, dp_rank=None,
-                 launch_world_rank=rank)
+                 attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0,
+                 dp_rank=dp_rank, launch_world_rank=rank)
     get_parallel().override_permanently(**ranks)
     # As SGLang resolves a launch: PP runs without the overlap scheduler; micro-batches
     # default to an even share of the running requests.
@@ -644,8 +671,10 @@ def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int, port: int
     sched._remp.runners.add(runner)
 
 
-def _refresh_scheduler(sched: Any) -> None:
-    """Re-point what the scheduler cached from the old world and worker (notes, E11)."""
+def _refresh_scheduler(sched: Any, rt: RempRuntime, topo: Topology) -> None:
+    """Re-point what the scheduler cached from the old world and worker (notes, E11).
+    Only a replica's head talks to the front end: a launch head that now serves inside
+    another replica sends nothing (SGLang gives such ranks senders that drop)."""
     from sglang.srt.layers.dp_attention import get_dp_tp_group
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.runtime_context import get_parallel
@@ -682,6 +711,7 @@ def _refresh_scheduler(sched: Any) -> None:
         grammar.pp_rank, grammar.pp_size = par.pp_rank, par.pp_size
         grammar.pp_group = sched.pp_group
         grammar.grammar_pp_sync_work_list = []
+    _set_role(sched, rt, rt.launch_rank in topo.heads)
     sched.init_overlap()
     sched.init_weight_updater()
     sched.init_profiler()
@@ -701,6 +731,19 @@ def _refresh_scheduler(sched: Any) -> None:
     sched.last_batch = None
     sched.result_queue = deque()
     sched.cur_batch_for_debug = None
+
+
+def _set_role(sched: Any, rt: RempRuntime, head: bool) -> None:
+    from sglang.srt.managers.scheduler_components.output_sender import SenderWrapper
+
+    if rt.launch_channels is None:
+        rt.launch_channels = sched.ipc_channels
+    channels = rt.launch_channels
+    if not head:
+        channels = replace(channels, send_to_tokenizer=SenderWrapper(None),
+                           send_to_detokenizer=SenderWrapper(None))
+    sched.ipc_channels = channels
+    sched.init_output_streamer()
 
 
 def cpus_for(launch_cpus: list[set[int]], topo: Topology, rank: int) -> set[int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from remp_sglang.integration import metrics
 from remp_sglang.integration.config import RempConfig, config_from_env, free_port
+from remp_sglang.topology import Topology
 
 try:  # FastAPI resolves the route's annotations from this module's globals
     from fastapi import Request
@@ -49,7 +50,8 @@ def install(config: RempConfig) -> None:
     from sglang.srt.utils.auth import AuthLevel
 
     tp, pp = config.initial_layout
-    _main_view.update(tp=tp, pp=pp, state="serving", lock=None, reshapes=0, router=None)
+    _main_view.update(dp=config.launch_dp, tp=tp, pp=pp, state="serving", lock=None,
+                      reshapes=0, router=None)
     metrics.set_layout(tp, pp, config.launch_world_size - tp * pp)
     # As SGLang's own control endpoints: the admin key when one is set, else the API key.
     _reshape_route._auth_level = AuthLevel.ADMIN_OPTIONAL
@@ -68,6 +70,7 @@ def after_build_server_info(result: dict, server_args: Any, scheduler_info: Any)
     """/server_info reports the live layout, not the launch flags."""
     if _main_view:
         result["tp_size"], result["pp_size"] = _main_view["tp"], _main_view["pp"]
+        result["dp_size"] = _main_view["dp"]
     return result
 
 
@@ -123,8 +126,11 @@ def _communicator(tokenizer_manager: Any, reply_type: type) -> Any:
         from sglang.srt.runtime_context import get_parallel
         from sglang.utils import TypeBasedDispatcher
 
+        # One reply per replica of the live layout (SGLang's data-parallel controller
+        # sends a control request to each replica's head).
         communicator = FanOutCommunicator(
-            tokenizer_manager._dispatch_to_scheduler, get_parallel().num_dp_ranks, "queueing"
+            tokenizer_manager._dispatch_to_scheduler,
+            _main_view.get("dp", get_parallel().num_dp_ranks), "queueing"
         )
         tokenizer_manager._result_dispatcher += TypeBasedDispatcher(
             [(reply_type, communicator.handle_recv)]
@@ -162,10 +168,10 @@ class ReplyRouter:
         if reply.error is None:
             new = json.loads(reply.report_json).get("new")
             if new:
-                _main_view.update(tp=new["tp"], pp=new["pp"])
+                _main_view.update(dp=new.get("dp", 1), tp=new["tp"], pp=new["pp"])
                 config = config_from_env() or RempConfig()
-                metrics.set_layout(new["tp"], new["pp"],
-                                   config.launch_world_size - new["tp"] * new["pp"])
+                metrics.set_layout(new["tp"], new["pp"], config.launch_world_size
+                                   - new.get("dp", 1) * new["tp"] * new["pp"])
 
 
 def _router(tokenizer_manager: Any) -> ReplyRouter:
@@ -210,10 +216,11 @@ async def _topology_route() -> Any:
 
     if _main_view.get("state") == "reshaping":  # the schedulers are busy: answer from here
         config = config_from_env() or RempConfig()
+        dp, tp, pp = _main_view["dp"], _main_view["tp"], _main_view["pp"]
         return JSONResponse({
-            "tp": _main_view["tp"], "pp": _main_view["pp"], "state": "reshaping",
+            "dp": dp, "tp": tp, "pp": pp, "state": "reshaping",
             "world_size": config.launch_world_size,
-            "active_ranks": list(range(_main_view["tp"] * _main_view["pp"])),
+            "active_ranks": list(range(dp * tp * pp)),
             "kv_capacity_tokens": _main_view.get("kv_capacity_tokens", 0),
         })
     tokenizer_manager = _tokenizer_manager()
@@ -289,45 +296,55 @@ def _publish_limits(tokenizer_manager: Any, report: dict[str, Any]) -> None:
 
 def validate_layout(
     body: Any, config: RempConfig, hf_config: Any, cpu: bool = False,
-    current: tuple[int, int] | None = None,
-) -> tuple[int, int]:
-    """(tp, pp) from a reshape request, or ValueError with the reason (-> HTTP 400).
+    current: tuple[int, int, int] | None = None,
+) -> Topology:
+    """The layout a reshape request asks for, or ValueError with the reason (-> 400).
 
-    A field left out keeps its `current` value. Refused here, before anything moves,
-    is every layout SGLang would reject at model build: heads and KV heads (its QKV
-    split), the MLP's intermediate size and the padded vocabulary (its `divide`), layers
-    per stage. On CPU, SGLang pads KV (and query) heads when tp does not divide the KV
-    heads rather than replicating them as on GPU; remp moves only unpadded layouts there.
+    A field left out keeps its `current` value (dp, tp, pp). Refused here, before anything
+    moves, is every layout SGLang would reject at model build: heads and KV heads (its
+    QKV split), the MLP's intermediate size and the padded vocabulary (its `divide`),
+    layers per stage. On CPU, SGLang pads KV (and query) heads when tp does not divide
+    the KV heads rather than replicating them as on GPU; remp moves only unpadded layouts
+    there. Replicas need SGLang's data-parallel controller (launch with --dp-size), and
+    each replica's first rank must be one it feeds (a launch replica's first rank).
     """
-    from remp_sglang.topology import Topology
-
     if not isinstance(body, dict):
         raise ValueError('body must be a JSON object like {"tp": 2, "pp": 1}')
-    unknown = sorted(set(body) - {"tp", "pp"})
+    unknown = sorted(set(body) - {"dp", "tp", "pp"})
     if unknown:
-        raise ValueError(f"unknown fields {unknown}; expected tp and pp")
-    keep = dict(zip(("tp", "pp"), current or (1, 1), strict=True))
+        raise ValueError(f"unknown fields {unknown}; expected dp, tp and pp")
+    keep = dict(zip(("dp", "tp", "pp"), current or (1, 1, 1), strict=True))
     values = []
-    for name in ("tp", "pp"):
+    for name in ("dp", "tp", "pp"):
         value = body.get(name, keep[name])
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         values.append(value)
-    tp, pp = values
-    if tp * pp > config.launch_world_size:
-        raise ValueError(f"tp*pp = {tp * pp} exceeds the {config.launch_world_size} ranks this "
+    dp, tp, pp = values
+    world = config.launch_world_size
+    if dp * tp * pp > world:
+        raise ValueError(f"dp*tp*pp = {dp * tp * pp} exceeds the {world} ranks this "
                          f"server was launched with")
+    if dp > 1 and config.launch_dp == 1:
+        raise ValueError("dp > 1 needs SGLang's data-parallel controller: launch with "
+                         "--dp-size")
+    launch_replica = world // config.launch_dp
+    if dp > 1 and (tp * pp) % launch_replica:
+        raise ValueError(f"each replica's first rank must be one SGLang feeds requests to "
+                         f"(a multiple of the launch tp*pp = {launch_replica}): tp*pp = "
+                         f"{tp * pp} is not")
     from remp_sglang.integration.model_state import decoder_of
 
     decoder = decoder_of(hf_config, torch_dtype_of(hf_config))
-    Topology(tp, pp, config.launch_world_size).check_model(decoder.shape)
+    topo = Topology(tp, pp, world, dp)
+    topo.check_model(decoder.shape)
     sglang_divides(tp, decoder.intermediate_size, decoder.vocab_size)
     if cpu and decoder.shape.num_kv_heads % tp:
         raise ValueError(f"on CPU, tp={tp} must divide the {decoder.shape.num_kv_heads} KV "
                          "heads (SGLang pads heads there instead of replicating them)")
-    return tp, pp
+    return topo
 
 
 def sglang_divides(tp: int, intermediate_size: int, vocab_size: int) -> None:
@@ -364,14 +381,15 @@ async def _plan_route(request: Request) -> Any:
     if tokenizer_manager is None:
         return body  # the error response
     try:
-        tp, pp = _requested_layout(tokenizer_manager, body)
+        new = _requested_layout(tokenizer_manager, body)
     except ValueError as error:
         return JSONResponse({"error": str(error)}, status_code=400)
     if _main_view.get("state") == "reshaping":
         return JSONResponse({"error": "a reshape is running"}, status_code=409)
     try:
         replies = await asyncio.wait_for(
-            _communicator(tokenizer_manager, RempPlanReqOutput)(RempPlanReqInput(tp=tp, pp=pp)),
+            _communicator(tokenizer_manager, RempPlanReqOutput)(
+                RempPlanReqInput(dp=new.dp, tp=new.tp, pp=new.pp)),
             timeout=TOPOLOGY_TIMEOUT_S)
     except asyncio.TimeoutError:
         return JSONResponse({"error": "no plan reply from the scheduler"}, status_code=504)
@@ -393,12 +411,36 @@ async def _control_request(request: Request) -> tuple[Any, Any]:
         return None, JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
 
 
-def _requested_layout(tokenizer_manager: Any, body: Any) -> tuple[int, int]:
-    """(tp, pp) asked for, fields left out kept; ValueError with the reason."""
+def _requested_layout(tokenizer_manager: Any, body: Any) -> Topology:
+    """The layout asked for, fields left out kept; ValueError with the reason."""
     return validate_layout(body, config_from_env() or RempConfig(),
                            tokenizer_manager.model_config.hf_config,
                            cpu=tokenizer_manager.server_args.device == "cpu",
-                           current=(_main_view["tp"], _main_view["pp"]))
+                           current=_current())
+
+
+def _current() -> tuple[int, int, int]:
+    return _main_view["dp"], _main_view["tp"], _main_view["pp"]
+
+
+def _workers(topo: Topology, config: RempConfig) -> list[int]:
+    """The data-parallel controller's workers (launch replicas) that head `topo`'s
+    replicas."""
+    return [head // (config.launch_world_size // config.launch_dp) for head in topo.heads]
+
+
+def _feed(tokenizer_manager: Any, workers: list[int]) -> None:
+    """Requests (and control requests) go to these launch replicas only, and each control
+    request expects a reply from each."""
+    from remp_sglang.integration.messages import RempReplicasReq
+
+    tokenizer_manager._dispatch_to_scheduler(RempReplicasReq(workers=workers))
+    tokenizer_manager.update_control_communicator_fan_out(len(workers))
+    tokenizer_manager.elastic_worker_count = len(workers)
+    for name, value in vars(tokenizer_manager).items():
+        if name.startswith("_remp_comm_"):
+            value.set_fan_out(len(workers))
+
 
 
 async def _reshape_route(request: Request) -> Any:
@@ -426,9 +468,10 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
 
     t_request = time.perf_counter()
     config = config_from_env() or RempConfig()
-    current = (_main_view["tp"], _main_view["pp"])
+    current = Topology(_main_view["tp"], _main_view["pp"], config.launch_world_size,
+                       _main_view["dp"])
     try:
-        tp, pp = _requested_layout(tokenizer_manager, body)
+        new = _requested_layout(tokenizer_manager, body)
     except ValueError as error:
         return 400, {"error": str(error)}
     if _main_view["lock"] is None:
@@ -436,17 +479,24 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     lock: asyncio.Lock = _main_view["lock"]
     if lock.locked():
         return 409, {"error": "a reshape is already running"}
-    old = {"tp": current[0], "pp": current[1]}
-    if current == (tp, pp):  # nothing to move, nothing to rebuild
+    old = current.layout()
+    if current == new:  # nothing to move, nothing to rebuild
         return 200, {"old": old, "new": old, "unchanged": True, "downtime_s": 0.0,
                      "request_wait_s": 0.0, "kv_bytes_moved": 0, "weight_bytes_moved": 0}
+    replicas = config.launch_dp > 1
     async with lock:
         _main_view["state"] = "reshaping"
         _main_view["reshapes"] += 1
         metrics.started()
+        world = config.launch_world_size
         request = RempReshapeReqInput(
-            tp=tp, pp=pp, dist_port=free_port(), rollback_port=free_port(),
+            dp=new.dp, tp=new.tp, pp=new.pp, heads=_workers(current, config),
+            dist_ports=[free_port() for _ in range(world)],
+            rollback_ports=[free_port() for _ in range(world)],
             deadline=time.time() + config.reshape_timeout_s, nonce=uuid.uuid4().hex)
+        if replicas:  # meanwhile, only replicas that head both layouts take requests
+            _feed(tokenizer_manager, sorted(set(_workers(current, config))
+                                            & set(_workers(new, config))))
         try:  # the schedulers answer by the deadline, or after a rollback of as long
             reply = await _router(tokenizer_manager).call(
                 request, timeout=2 * config.reshape_timeout_s + 60)
@@ -457,14 +507,16 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
         finally:
             _main_view["state"] = "serving"
         if reply.error is None:
-            _main_view.update(tp=tp, pp=pp)
+            _main_view.update(dp=new.dp, tp=new.tp, pp=new.pp)
+        if replicas:
+            _feed(tokenizer_manager, _workers(new if reply.error is None else current, config))
     report = json.loads(reply.report_json)
     if reply.error is not None:
         metrics.finished(report, "rolled_back" if report.get("rolled_back") else "failed")
         return reply.status, {"error": reply.error, "old": old, **report}
     _publish_limits(tokenizer_manager, report)
-    report.update(old=old, new={"tp": tp, "pp": pp},
+    report.update(old=old, new=new.layout(),
                   request_wait_s=round(time.perf_counter() - t_request, 4))
     metrics.finished(report, "succeeded")
-    metrics.set_layout(tp, pp, config.launch_world_size - tp * pp)
+    metrics.set_layout(new.tp, new.pp, config.launch_world_size - new.num_active)
     return 200, report

@@ -72,7 +72,9 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
 
     config = config_from_env()
     par = get_parallel()
-    rank = par.tp_size * par.pp_rank + par.tp_rank
+    # Replicas side by side, as SGLang's data-parallel controller places them.
+    replica = (par.dp_rank or 0) if config.launch_dp > 1 else 0
+    rank = replica * par.tp_size * par.pp_size + par.tp_size * par.pp_rank + par.tp_rank
     world = config.launch_world_size
     # Every wait of the plane is bounded by the reshape timeout (and a rollback by as
     # much again); heartbeats end waits for a lost peer sooner.
@@ -90,7 +92,7 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     except ValueError as error:
         decoder = None
         logger.warning("remp: reshapes disabled for this model: %s", error)
-    launch = Topology(config.launch_tp, config.launch_pp, world)
+    launch = Topology(config.launch_tp, config.launch_pp, world, config.launch_dp)
     kv_dtype, kv_store_dtype = kv_dtypes(pool)
     budgets: list[int] = []
     if decoder is not None:
@@ -112,6 +114,7 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         launch_overlap=bool(scheduler.enable_overlap),
         launch_cpus=launch_cpus(world),
         reshape_timeout_s=config.reshape_timeout_s,
+        launch_dp=config.launch_dp,
     )
     scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
     return None
@@ -124,9 +127,10 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
     config = config_from_env()
     tp, pp = config.initial_layout
     if (tp, pp) != (rt.topology.tp, rt.topology.pp):  # start-up: a failure here is fatal
-        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, config.initial_dist_port,
-                                            config.initial_dist_port,
-                                            time.time() + config.reshape_timeout_s))
+        ports = tuple(config.initial_dist_port + r for r in range(rt.topology.dp))
+        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, ports, ports,
+                                            time.time() + config.reshape_timeout_s,
+                                            rt.topology.dp))
     rebind_threads(rt, rt.topology)
     while True:
         if not rt.topology.is_active(rt.launch_rank):
@@ -198,10 +202,10 @@ def handle_topology(scheduler: Any, request: Any) -> Any:
     try:
         topo = rt.topology
         return RempTopologyReqOutput(
-            tp=topo.tp, pp=topo.pp, world_size=topo.world_size,
+            tp=topo.tp, pp=topo.pp, dp=topo.dp, world_size=topo.world_size,
             active_ranks=list(topo.active_ranks), state=rt.state,
             kv_capacity_tokens=int(scheduler.max_total_num_tokens),
-            launch_tp=config.launch_tp, launch_pp=config.launch_pp,
+            launch_tp=config.launch_tp, launch_pp=config.launch_pp, launch_dp=config.launch_dp,
             launch_world_size=config.launch_world_size,
             initial_tp=config.initial_tp, initial_pp=config.initial_pp,
             threads=torch.get_num_threads(), cpus=sorted(os.sched_getaffinity(0)),
@@ -226,7 +230,8 @@ def handle_plan(scheduler: Any, request: Any) -> Any:
     try:
         if rt.decoder is None:
             raise ValueError("reshapes are disabled for this model (see log)")
-        report = plan(scheduler, rt, Topology(request.tp, request.pp, rt.topology.world_size))
+        report = plan(scheduler, rt, Topology(request.tp, request.pp, rt.topology.world_size,
+                                              request.dp))
         return RempPlanReqOutput(report_json=json.dumps(report))
     except Exception as error:  # report instead of killing the scheduler
         logger.exception("remp: plan request failed")
@@ -244,8 +249,8 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     if rt.pending is not None:
         return RempReshapeReqOutput(error="a reshape is already pending", status=409,
                                     nonce=request.nonce)
-    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.dist_port,
-                         request.rollback_port, request.deadline)
+    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, tuple(request.dist_ports),
+                         tuple(request.rollback_ports), request.deadline, request.dp)
     try:
         order.validate(rt.topology.world_size, rt.epoch + 1)
     except ValueError as error:

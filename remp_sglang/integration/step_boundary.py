@@ -63,6 +63,11 @@ class RequestRecord:
     logprob_start_len: int
     retraction_count: int
     retracted: bool
+    # what the replica head has streamed (a head that takes the request over goes on
+    # from there: nothing is sent twice)
+    send_token_offset: int = 0
+    send_decode_id_offset: int = 0
+    decoded_text: str = ""
 
 
 def after_create_generation_req(req: Any, scheduler: Any, recv_req: Any, *args: Any,
@@ -281,15 +286,21 @@ def _constrained(req: Any) -> bool:
     return any(getattr(params, name, None) for name in ("json_schema", "regex", "ebnf"))
 
 
-def check_joinable(scheduler: Any, reqs: list[Any]) -> None:
+def check_joinable(scheduler: Any, reqs: list[Any], across_replicas: bool = False) -> None:
     """Before ranks join: a constrained-decoding request that has generated tokens would
     reach them with a fresh grammar state (its matcher is not replayed), and the ranks
-    would sample differently. Refused (nothing moves) until the matcher is carried."""
+    would sample differently. Across replicas, a request another head takes over would
+    also lose the logprobs it has gathered. Refused (nothing moves) until they are
+    carried."""
     for req in list(reqs) + _queued(scheduler):
         if _constrained(req) and len(req.output_ids) > 0:
             raise CarryRefused(
                 f"request {req.rid} is generating under a grammar (json_schema/regex/ebnf); "
                 "its state cannot move to joining ranks yet: retry once it has finished")
+        if across_replicas and req.return_logprob and len(req.output_ids) > 0:
+            raise CarryRefused(
+                f"request {req.rid} is returning logprobs; they cannot move to another "
+                "replica yet: retry once it has finished")
 
 
 
@@ -318,25 +329,46 @@ def export_requests(scheduler: Any) -> list[RequestRecord]:
             output_ids=list(req.output_ids),
             max_new_tokens=req.sampling_params.max_new_tokens,
             logprob_start_len=int(req.logprob_start_len),
-            retraction_count=int(req.retraction_count), retracted=bool(req.is_retracted)))
+            retraction_count=int(req.retraction_count), retracted=bool(req.is_retracted),
+            send_token_offset=int(req.send_token_offset),
+            send_decode_id_offset=int(req.send_decode_id_offset),
+            decoded_text=str(req.decoded_text or "")))
     return out
 
 
-def adopt_requests(scheduler: Any, records: list[RequestRecord]) -> None:
-    """On a joining rank: rebuild rank zero's queued requests in the same order."""
+def rebuild_queue(scheduler: Any, records: list[RequestRecord]) -> None:
+    """This rank's queued requests become `records`, in their order: requests it holds
+    stay (the same objects, in the queue they were in), the others are rebuilt from
+    their records (SGLang's own `handle_generate_request` on the original input, then
+    the progress); requests not listed leave this rank. Every rank of a replica ends
+    with the same queue."""
     from sglang.srt.managers.io_struct import msgpack_decode
 
+    grammar = getattr(scheduler, "grammar_manager", None)
+    pending = getattr(grammar, "grammar_queue", None)
+    waiting = {r.rid: r for r in scheduler.waiting_queue}
+    compiling = {r.rid: r for r in (pending or [])}
     clear_requests(scheduler)
     for rec in records:
-        scheduler.handle_generate_request(msgpack_decode(rec.recv))
-        req = next((r for r in reversed(_queued(scheduler)) if r.rid == rec.rid), None)
-        if req is None:
-            raise ValueError(f"request {rec.rid} was not re-created on this rank")
-        req.output_ids = array("q", rec.output_ids)
-        req.sampling_params.max_new_tokens = rec.max_new_tokens
-        req.logprob_start_len = rec.logprob_start_len
-        req.retraction_count = rec.retraction_count
-        req.is_retracted = req.retracted_stain = rec.retracted
-    got = [r.rid for r in _queued(scheduler)]
-    if got != [rec.rid for rec in records]:
-        raise ValueError("the re-created queue differs from rank zero's")
+        req = waiting.get(rec.rid)
+        if req is not None:
+            scheduler.waiting_queue.append(req)
+        elif rec.rid in compiling:
+            pending.append(compiling[rec.rid])
+        else:
+            scheduler.handle_generate_request(msgpack_decode(rec.recv))
+            req = next((r for r in reversed(_queued(scheduler)) if r.rid == rec.rid), None)
+            if req is None:
+                raise ValueError(f"request {rec.rid} was not re-created on this rank")
+            req.output_ids = array("q", rec.output_ids)
+            req.sampling_params.max_new_tokens = rec.max_new_tokens
+            req.logprob_start_len = rec.logprob_start_len
+            req.retraction_count = rec.retraction_count
+            req.is_retracted = req.retracted_stain = rec.retracted
+        req = req or compiling[rec.rid]
+        req.send_token_offset = rec.send_token_offset
+        req.send_decode_id_offset = rec.send_decode_id_offset
+        req.decoded_text = rec.decoded_text
+    got = sorted(r.rid for r in _queued(scheduler))
+    if got != sorted(rec.rid for rec in records):
+        raise ValueError("the rebuilt queue differs from the replica's")

@@ -101,6 +101,7 @@ def server_command(
     host: str = "127.0.0.1",
     tp: int = 1,
     pp: int = 1,
+    dp: int = 1,
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
@@ -120,6 +121,7 @@ def server_command(
         str(tp),
         "--pp-size",
         str(pp),
+        *(("--dp-size", str(dp)) if dp > 1 else ()),
         "--device",
         "cpu",
         "--attention-backend",
@@ -317,6 +319,7 @@ def launch_sglang_server(
     pp: int = 1,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    dp: int = 1,
     timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
     *,
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
@@ -335,13 +338,14 @@ def launch_sglang_server(
     port = port or free_port(host)
     log_root = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="sglang-"))
     log_root.mkdir(parents=True, exist_ok=True)
-    log_path = log_root / f"sglang-tp{tp}-pp{pp}-{port}.log"
+    log_path = log_root / f"sglang-dp{dp}-tp{tp}-pp{pp}-{port}.log"
     command = server_command(
         model_path,
         port=port,
         host=host,
         tp=tp,
         pp=pp,
+        dp=dp,
         max_total_tokens=max_total_tokens,
         extra_args=extra_args,
         python=python,
@@ -355,7 +359,7 @@ def launch_sglang_server(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=server_env(tp * pp, env),
+            env=server_env(dp * tp * pp, env),
             start_new_session=True,
         )
     server = SGLangServer(
