@@ -63,7 +63,8 @@ def test_engine_reshape_from_python(tiny_llama_dir, tmp_path):
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert [r["new"] for r in result["reports"]] == [{"tp": 2, "pp": 1}, {"tp": 1, "pp": 1}]
+    assert [r["new"] for r in result["reports"]] == [{"dp": 1, "tp": 2, "pp": 1},
+                                                        {"dp": 1, "tp": 1, "pp": 1}]
     for report in result["reports"]:
         assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
     assert [output_ids for output_ids, _ in result["runs"]] == [outputs[0]] * 3

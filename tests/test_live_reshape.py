@@ -90,8 +90,8 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         old = topology(server)
         report = reshape(server, tp, pp)
 
-        assert report["old"] == {"tp": old["tp"], "pp": old["pp"]}
-        assert report["new"] == {"tp": tp, "pp": pp}
+        assert report["old"] == {"dp": 1, "tp": old["tp"], "pp": old["pp"]}
+        assert report["new"] == {"dp": 1, "tp": tp, "pp": pp}
         assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
         assert report["weight_bytes_moved"] > 0
         assert report["downtime_s"] > 0 and set(report["phases"]) >= {"weights_s", "kv_s"}
@@ -138,8 +138,8 @@ def test_plan_is_a_dry_run_that_predicts_the_reshape(llama):
         response = server.post("/remp/plan", {"tp": tp, "pp": pp}, timeout=120)
         assert response.status_code == 200, response.text
         planned = response.json()
-        assert planned["new"] == {"tp": tp, "pp": pp} and not planned["refused"], planned
-        assert planned["old"] == {"tp": topo["tp"], "pp": topo["pp"]}
+        assert planned["new"] == {"dp": 1, "tp": tp, "pp": pp} and not planned["refused"], planned
+        assert planned["old"] == {"dp": 1, "tp": topo["tp"], "pp": topo["pp"]}
         assert planned["kv_capacity_tokens"] == CAPACITY[(tp, pp)]
         assert planned["cached_tokens_evicted"] == 0
         assert len(planned["per_rank"]) == 2 and planned["max_rank_bytes"] > 0

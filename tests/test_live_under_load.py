@@ -73,7 +73,7 @@ def test_requests_straddle_tp_and_pp_switches(busy):
     windows = []
     for tp, pp in SWITCHES:
         report, start, end = reshape_timed(server, tp, pp)
-        assert report["new"] == {"tp": tp, "pp": pp}
+        assert report["new"] == {"dp": 1, "tp": tp, "pp": pp}
         assert report["request_wait_s"] >= report["downtime_s"] > 0
         windows.append((report, start, end))
         time.sleep(0.3)

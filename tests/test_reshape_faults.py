@@ -54,7 +54,7 @@ def faulty(tiny_llama_dir, sglang_server_factory, tmp_path_factory):
 
 
 def failing_reshape(server, spec, jobs, reference, model, tp, pp, step, rank, kind):
-    old = {k: topology(server)[k] for k in ("tp", "pp")}
+    old = {k: topology(server)[k] for k in ("dp", "tp", "pp")}
     traffic = Background(server.base_url, jobs, model, stagger_s=0.05)
     time.sleep(0.4)
     # A freeze of 3 s outlasts the stall bound and ends well within the deadline.
@@ -68,7 +68,7 @@ def failing_reshape(server, spec, jobs, reference, model, tp, pp, step, rank, ki
         assert got.error is None, (step, kind, got.error)
         assert got.output == want.output, (step, kind)
     body = response.json()
-    layout = {k: topology(server)[k] for k in ("tp", "pp")}
+    layout = {k: topology(server)[k] for k in ("dp", "tp", "pp")}
     assert server.generate_ids(PROMPT, 4) == reference[0].output[:4]
     return response.status_code, body, old, layout
 
@@ -94,7 +94,7 @@ def test_fault_on_shrink(faulty, step, rank, kind):
     if kind == "freeze" and rank == 0:
         # Nobody can tell a frozen rank zero from a slow one (it is the coordinator):
         # it wakes within the deadline and the reshape goes through, on every rank.
-        assert (status, layout) == (200, {"tp": 1, "pp": 1}), body
+        assert (status, layout) == (200, {"dp": 1, "tp": 1, "pp": 1}), body
         return
     check_failed(status, body, old, layout, step, kind)
     assert ("stopped answering" in body["error"]) == (kind == "freeze"), body
@@ -120,7 +120,7 @@ def test_reshapes_work_after_every_fault(faulty):
     for tp, pp in ((2, 1), (1, 2), (1, 1), (2, 1)):
         if {k: topology(server)[k] for k in ("tp", "pp")} != {"tp": tp, "pp": pp}:
             report = reshape(server, tp, pp)
-            assert report["new"] == {"tp": tp, "pp": pp}
+            assert report["new"] == {"dp": 1, "tp": tp, "pp": pp}
     out = server.generate(PROMPT, max_new_tokens=2)
     assert out["meta_info"]["cached_tokens"] >= len(PROMPT) - 1
     outcomes = run_concurrently(server.base_url, jobs, model)
