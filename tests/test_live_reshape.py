@@ -63,7 +63,8 @@ def test_invalid_reshapes_are_rejected_and_serving_goes_on(llama):
         ({"tp": True}, "integer"),
         ({"tp": 0}, ">= 1"),
         ({"tp": 2, "pp": 2}, "exceeds the 2 ranks"),
-        ({"tp": 1, "pp": 1, "dp": 2}, "unknown fields"),
+        ({"tp": 1, "pp": 1, "dp": 2}, "launch with --dp-size"),
+        ({"tp": 1, "replicas": 2}, "unknown fields"),
         ([1, 2], "JSON object"),
     ]
     for body, reason in cases:
