@@ -135,5 +135,5 @@ def test_a_slow_but_live_rank_is_waited_for(faulty):
         reshape(server, 2, 1)
     status, body, old, layout = failing_reshape(server, spec, jobs, reference, model, 1, 1,
                                                 "model", 0, f"delay:{2.5 * STALL_S}")
-    assert (status, layout) == (200, {"tp": 1, "pp": 1}), body
+    assert (status, layout) == (200, {"dp": 1, "tp": 1, "pp": 1}), body
     assert body["phases"]["model_s"] >= 2.5 * STALL_S

@@ -38,6 +38,7 @@ class RempConfig:
     initial_dist_port: int = 0  # world rendezvous for the start-up reshape, if any
     reshape_timeout_s: float = RESHAPE_TIMEOUT_S
     stall_timeout_s: float = STALL_TIMEOUT_S
+    cache_aware: bool = False  # replicas: dispatch by cached prefix (--remp-cache-aware)
 
     @property
     def initial_layout(self) -> tuple[int, int]:
@@ -130,6 +131,12 @@ def _after_add_cli_args(result: Any, parser: Any) -> None:
         default=STALL_TIMEOUT_S,
         help="With --remp: a rank whose heartbeat stops this long during a reshape is "
         f"taken as lost and the reshape rolls back (default {STALL_TIMEOUT_S:.0f}).",
+    )
+    group.add_argument(
+        "--remp-cache-aware",
+        action="store_true",
+        help="With --remp and --dp-size: send each request to the replica that most likely "
+        "caches the longest prefix of its prompt, unless that replica is much busier.",
     )
     return None
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from remp_sglang.affinity import PrefixIndex, block_hashes, choose
+
 logger = logging.getLogger("sglang.srt.remp")
 
 _fed: list[int] | None = None  # the launch replicas fed now (None: SGLang's own choice)
+_index = PrefixIndex()  # with --remp-cache-aware: which prompt blocks each replica was sent
 
 
 def after_controller_init(result: Any, controller: Any, *args: Any, **kwargs: Any) -> None:
@@ -39,6 +42,7 @@ def feed(controller: Any, workers: list[int]) -> None:
         logger.error("remp: ignored a replica set %s (launch replicas 0..%d)", workers, n - 1)
         return
     _fed = sorted(workers)
+    _index.reshaped(_fed)
     controller._active_workers = list(_fed)
     controller._active_count_cache = len(_fed)
     controller.status = [i in _fed for i in range(n)]
@@ -68,3 +72,27 @@ def around_budget_dispatch(original: Any, budget: Any, method: Any,
     budget.total_requests[target] += 1
     budget.total_tokens[target] += estimated_tokens
     return target
+
+
+def around_dispatch(original: Any, controller: Any, req: Any) -> Any:
+    """--remp-cache-aware: the replica most likely to cache the prompt's longest prefix,
+    unless it is much busier than the least busy one; then the least busy (requests
+    routed to a replica by the caller keep their route)."""
+    from sglang.srt.managers.io_struct import sock_send
+
+    ids = getattr(req, "input_ids", None)
+    if getattr(req, "routed_dp_rank", None) is not None or not ids:
+        return original(controller, req)
+    fed = _fed if _fed is not None else [i for i, w in enumerate(controller.workers) if w]
+    controller.refresh_load_budget()
+    budget = controller.dp_budget
+    load = {r: budget.total_requests[r] for r in fed}
+    hashes = block_hashes(ids)
+    target = choose(_index, fed, hashes, load)
+    if target is None:
+        target = min(fed, key=lambda r: (load[r], (r - controller.round_robin_counter) % len(fed)))
+        controller.round_robin_counter += 1
+    budget.total_requests[target] += 1
+    _index.record(target, hashes)
+    sock_send(controller.workers[target], req)
+    return None

@@ -102,6 +102,7 @@ def _after_from_cli_args(result: Any, cls: Any, namespace: Any) -> None:
         tokenizer_workers=int(getattr(namespace, "tokenizer_worker_num", 1) or 1),
         reshape_timeout_s=float(getattr(namespace, "remp_reshape_timeout", RESHAPE_TIMEOUT_S)),
         stall_timeout_s=float(getattr(namespace, "remp_stall_timeout", STALL_TIMEOUT_S)),
+        cache_aware=bool(getattr(namespace, "remp_cache_aware", False)),
     )
     # A bookkeeping attribute (underscore, not a field): writable on the sealed record and
     # pickled into every scheduler process by ServerArgs.__reduce__.
@@ -113,6 +114,7 @@ def activate(
     launch_tp: int, launch_pp: int, initial_tp: int | None = None,
     initial_pp: int | None = None, dp_size: int = 1, tokenizer_workers: int = 1,
     reshape_timeout_s: float = RESHAPE_TIMEOUT_S, stall_timeout_s: float = STALL_TIMEOUT_S,
+    cache_aware: bool = False,
 ) -> RempConfig:
     """Turn remp on in this (launcher) process, before SGLang spawns its schedulers."""
     check_sglang_version()
@@ -120,7 +122,7 @@ def activate(
                         initial_tp=initial_tp,
                         initial_pp=initial_pp, plane_path=private_plane_path(),
                         initial_dist_port=free_port(), reshape_timeout_s=reshape_timeout_s,
-                        stall_timeout_s=stall_timeout_s)
+                        stall_timeout_s=stall_timeout_s, cache_aware=cache_aware)
     config.validate()
     if tokenizer_workers != 1:
         raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
@@ -173,6 +175,11 @@ def _enable_subprocess(config: RempConfig) -> None:
                               dp_controller.after_controller_init, HookType.AFTER)
         HookRegistry.register(f"{_DPC_MODULE}.DPBudget.dispatch",
                               dp_controller.around_budget_dispatch, HookType.AROUND)
+        if config.cache_aware:
+            for method in ("round_robin_scheduler", "total_requests_scheduler",
+                           "total_tokens_scheduler"):
+                HookRegistry.register(f"{_DPC_MODULE}.DataParallelController.{method}",
+                                      dp_controller.around_dispatch, HookType.AROUND)
     if _SCHEDULER_MODULE in sys.modules:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
