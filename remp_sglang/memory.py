@@ -57,3 +57,12 @@ def kv_capacity(budgets: Sequence[int], model: DenseDecoder, kv: ModelShape, top
         slots.append(left // kv_slot_bytes(kv, topo, r))
     capacity = min(slots)
     return min(capacity, token_cap) if token_cap else capacity
+
+
+def replica_token_cap(token_cap: int | None, launch: Topology, topo: Topology) -> int | None:
+    """`--max-total-tokens` caps the pool of one launch replica; a replica made of the
+    ranks of k launch replicas (a merge) may hold k times as many. Never below the cap."""
+    if not token_cap:
+        return token_cap
+    return token_cap * max(1, topo.replica_size // launch.replica_size)
+

@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from remp_sglang.memory import kv_capacity, kv_slot_bytes, launch_budgets, weight_bytes
+from remp_sglang.memory import (
+    kv_capacity,
+    kv_slot_bytes,
+    launch_budgets,
+    replica_token_cap,
+    weight_bytes,
+)
 from remp_sglang.topology import ModelShape, Topology, layouts
 from remp_sglang.weights import DenseDecoder, dense_decoder_params
 
@@ -57,6 +63,18 @@ def test_each_replica_holds_as_many_tokens_as_one_instance_of_its_shape():
     budgets = launch_budgets(model, kv, Topology(2, 1, 2), 1000, 4)
     assert kv_capacity(budgets, model, kv, Topology(1, 1, 2, dp=2), 4) == \
         kv_capacity(budgets, model, kv, Topology(1, 1, 2), 4)
+
+
+def test_the_token_cap_is_per_launch_replica():
+    """--max-total-tokens caps a launch replica's pool: merging two replicas into one
+    wider instance doubles what it may hold; a narrower layout keeps the cap."""
+    dp2, tp2 = Topology(1, 1, 2, dp=2), Topology(2, 1, 2)
+    assert replica_token_cap(512, dp2, tp2) == 1024
+    assert replica_token_cap(512, dp2, Topology(1, 2, 2)) == 1024
+    assert replica_token_cap(512, dp2, dp2) == 512
+    assert replica_token_cap(512, tp2, Topology(1, 1, 2)) == 512  # never below the cap
+    assert replica_token_cap(None, dp2, tp2) is None
+    assert replica_token_cap(100, Topology(1, 1, 4, dp=4), Topology(4, 1, 4)) == 400
 
 
 def test_fewer_ranks_hold_fewer_tokens_than_the_kv_bytes_alone_would():

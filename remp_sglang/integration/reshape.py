@@ -34,7 +34,7 @@ import torch
 
 from remp_sglang.comm import Communicator, MigrationError, transport_for
 from remp_sglang.engine import CapacityError, KVPool, migrate_kv_flows, reshard_weights
-from remp_sglang.memory import kv_capacity
+from remp_sglang.memory import kv_capacity, replica_token_cap
 from remp_sglang.predict import DowntimeModel, predict_transfer
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
@@ -118,6 +118,7 @@ class RempRuntime:
     launch_cpus: list[set[int]]  # cores of each launch rank
     reshape_timeout_s: float  # bound of a reshape, and again of its rollback
     launch_dp: int = 1  # replicas at launch (more: SGLang's data-parallel controller feeds them)
+    launch: Topology | None = None  # the layout as launched (None: the first topology)
     epoch: int = 0
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
@@ -141,7 +142,9 @@ class RempRuntime:
         try:
             return kv_capacity(self.budgets, self.decoder,
                                kv_shape_of(self.decoder.shape, self.kv_store_dtype), topo,
-                               self.dtype.itemsize, self.token_cap)
+                               self.dtype.itemsize,
+                               replica_token_cap(self.token_cap,
+                                                 self.launch or self.topology, topo))
         except ValueError as error:
             raise CapacityError(str(error)) from error
 
