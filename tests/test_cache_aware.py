@@ -29,3 +29,20 @@ def test_questions_follow_their_document(tiny_llama_dir, sglang_server_factory):
     after = [ask(server, s) for s in range(7, 11)]
     assert all(r["cached"] >= len(DOC) for r in after), after
     server.shutdown()
+
+
+def test_load_aware_dispatch_never_feeds_a_merged_replica(tiny_llama_dir,
+                                                           sglang_server_factory):
+    """SGLang's `total_requests` method picks the least loaded of ALL launch replicas;
+    after a merge, replica 1's first rank serves inside replica 0 and reads no requests
+    of its own: every request must still go to replica 0 (and come back)."""
+    server = sglang_server_factory(tiny_llama_dir, tp=1, dp=2, extra_args=(
+        "--remp", "--load-balance-method", "total_requests"))
+    response = server.post("/remp/reshape", {"dp": 1, "tp": 2}, timeout=600)
+    assert response.status_code == 200, response.text
+    for i in range(6):  # a request sent to the merged-away replica would never come back
+        out = server.post("/generate", {"input_ids": DOC[:20] + [i], "sampling_params": {
+            "max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True}}, timeout=120)
+        assert out.status_code == 200, out.text
+        assert out.json()["meta_info"].get("dp_rank") in (0, None)
+    server.shutdown()

@@ -300,13 +300,16 @@ def validate_layout(
 ) -> Topology:
     """The layout a reshape request asks for, or ValueError with the reason (-> 400).
 
-    A field left out keeps its `current` value (dp, tp, pp). Refused here, before anything
-    moves, is every layout SGLang would reject at model build: heads and KV heads (its
-    QKV split), the MLP's intermediate size and the padded vocabulary (its `divide`),
-    layers per stage. On CPU, SGLang pads KV (and query) heads when tp does not divide
-    the KV heads rather than replicating them as on GPU; remp moves only unpadded layouts
-    there. Replicas need SGLang's data-parallel controller (launch with --dp-size), and
-    each replica's first rank must be one it feeds (a launch replica's first rank).
+    A field left out keeps its `current` value (dp, tp, pp), but a server launched with
+    replicas fills its ranks when dp is left out (`{"tp": 2}` on 2 ranks merges,
+    `{"tp": 1}` splits): ranks are parked only when a smaller dp is asked for.
+    Refused here, before anything moves, is every layout SGLang would reject at model
+    build: heads and KV heads (its QKV split), the MLP's intermediate size and the padded
+    vocabulary (its `divide`), layers per stage. On CPU, SGLang pads KV (and query) heads
+    when tp does not divide the KV heads rather than replicating them as on GPU; remp
+    moves only unpadded layouts there. Replicas need SGLang's data-parallel controller
+    (launch with --dp-size), and each replica's first rank must be one it feeds (a
+    launch replica's first rank).
     """
     if not isinstance(body, dict):
         raise ValueError('body must be a JSON object like {"tp": 2, "pp": 1}')
@@ -315,14 +318,16 @@ def validate_layout(
         raise ValueError(f"unknown fields {unknown}; expected dp, tp and pp")
     keep = dict(zip(("dp", "tp", "pp"), current or (1, 1, 1), strict=True))
     values = []
-    for name in ("dp", "tp", "pp"):
+    for name in ("tp", "pp", "dp"):
         value = body.get(name, keep[name])
+        if name == "dp" and "dp" not in body and config.launch_dp > 1:
+            value = max(1, config.launch_world_size // (values[0] * values[1]))
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         values.append(value)
-    dp, tp, pp = values
+    tp, pp, dp = values
     world = config.launch_world_size
     if dp * tp * pp > world:
         raise ValueError(f"dp*tp*pp = {dp * tp * pp} exceeds the {world} ranks this "
