@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -133,37 +134,20 @@ class SlotFlow:
     dst_slots: torch.Tensor | None = None
 
 
-def migrate_kv(
-    comm: Communicator,
-    old: Topology,
-    new: Topology,
-    shape: ModelShape,
-    old_pool: KVPool | None,
-    live_slots: torch.Tensor,
-    new_num_slots: int,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    new_pool: KVPool | None = None,
-    staging_bytes: int = DEFAULT_STAGING_BYTES,
-    staging: torch.Tensor | None = None,
-    reserved_slots: int = 1,
-    fault: FaultHook | None = None,
-) -> KVMigration:
-    """Give this rank its KV pool for `new`, holding the old values of every live slot.
+def migrate_kv(comm: Communicator, old: Topology, new: Topology, shape: ModelShape,
+               old_pool: KVPool | None, live_slots: torch.Tensor, new_num_slots: int,
+               **options: Any) -> KVMigration:
+    """Give this rank its KV pool for `new`, holding the old values of every live slot
+    (one replica on each side; `migrate_kv_flows` moves KV between replicas and takes
+    the same keyword `options`).
 
     `live_slots` (identical on every rank, as SGLang's replicated allocator makes it)
     are the slots to keep; they keep their index unless the new pool is too small, then
-    they are compacted and `new_slots` says where each went. `new_pool`, if given, is
-    filled instead of allocating one (e.g. a pool SGLang built). `staging`, a uint8
-    buffer of `staging_bytes` kept by the caller, avoids allocating staging per call.
-    One replica on each side; `migrate_kv_flows` moves KV between replicas.
+    they are compacted and `new_slots` says where each went.
     """
     live = live_slots.to(torch.int64).cpu()
     return migrate_kv_flows(comm, old, new, shape, old_pool, [SlotFlow(0, 0, live)],
-                            new_num_slots, dtype=dtype, device=device, new_pool=new_pool,
-                            staging_bytes=staging_bytes, staging=staging,
-                            reserved_slots=reserved_slots, fault=fault)
+                            new_num_slots, **options)
 
 
 def migrate_kv_flows(
@@ -186,7 +170,11 @@ def migrate_kv_flows(
     """Give this rank its KV pool for `new` (`new_num_slots` slots in every replica),
     filled by `flows`: a merge of replicas has one flow per old replica into the new one
     (their slots renumbered apart), a split one per new replica (a prefix several new
-    replicas keep is in each of their flows). All flows move in one exchange."""
+    replicas keep is in each of their flows). All flows move in one exchange.
+
+    `new_pool`, if given, is filled instead of allocating one (e.g. a pool SGLang built).
+    `staging`, a uint8 buffer of `staging_bytes` kept by the caller, avoids allocating
+    staging per call. Nothing is written to `old_pool`."""
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
     plan: KVPlan | None = None
