@@ -1,6 +1,7 @@
 """remp-sglang end to end: a live SGLang server reshaped across layouts, vs restarting it.
 
-    python scripts/demo.py [--arch llama] [--layouts 1x1,1x2,2x1] [--no-restarts]
+    python scripts/demo.py [--arch llama] [--layouts 1x1,1x2,2x1] [--no-replicas]
+                           [--no-restarts]
 
 Generates a tiny random-weight model (``.artifacts/demo/<arch>``, byte-identical every
 run), starts a real ``sglang.launch_server --remp`` on CPU at TP 2, sends traffic (so
@@ -8,7 +9,9 @@ the radix cache holds prefixes), then reshapes it through ``POST /remp/reshape``
 the layouts WHILE streaming clients generate (nothing is drained: their requests move
 with the switch). After each switch it checks that the streamed outputs equal an
 undisturbed run's, and that a repeated prompt still hits the cache and gives the same
-greedy tokens. For each layout it also times a full restart (a fresh server at that
+greedy tokens. A second server, launched as two data-parallel replicas
+(``--dp-size 2``), merges them into one TP 2 instance and splits them back, the same
+way. For each layout it also times a full restart (a fresh server at that
 layout, launch to first token) in the same run, and prints one table: downtime, the
 API call's wait and the largest gap a streaming client saw, next to the restart.
 """
@@ -38,40 +41,43 @@ def traffic(server: SGLangServer) -> tuple[list[list[int]], int]:
     return [o["output_ids"] for o in outputs], outputs[0]["meta_info"]["cached_tokens"]
 
 
-def restart_time(model_dir: Path, tp: int, pp: int, log_dir: Path) -> float:
-    """Launch-to-healthy of a fresh stock server at (tp, pp): a restart's floor."""
+def restart_time(model_dir: Path, layout: tuple[int, int, int], log_dir: Path) -> float:
+    """Launch-to-healthy of a fresh stock server at (dp, tp, pp): a restart's floor."""
+    dp, tp, pp = layout
     started = time.perf_counter()
-    with launch_sglang_server(model_dir, tp=tp, pp=pp, log_dir=log_dir) as server:
+    with launch_sglang_server(model_dir, tp=tp, pp=pp, dp=dp, log_dir=log_dir) as server:
         server.generate(PROMPTS[0], 1)
         return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    parser.add_argument("--layouts", default="1x1,1x2,2x1,1x1,2x1",
-                        help="TPxPP layouts to reshape through, in order (launch: 2x1)")
-    parser.add_argument("--no-restarts", action="store_true", help="skip the restart timings")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "demo")
-    args = parser.parse_args()
-    layouts = [tuple(int(x) for x in item.split("x")) for item in args.layouts.split(",")]
+def name(layout: dict) -> str:
+    """TPxPP, with the replicas in front when there are several: 2x1, dp2:1x1."""
+    base = f"{layout['tp']}x{layout['pp']}"
+    return base if layout.get("dp", 1) == 1 else f"dp{layout['dp']}:{base}"
 
-    model_dir = make_tiny_model(args.out / args.arch, args.arch)
-    print(f"model: {model_dir}")
+
+def reshape_live(model_dir: Path, out: Path, launch: tuple[int, int, int],
+                 layouts: list[tuple[int, int, int]]) -> list[dict]:
+    """Launch at `launch` (dp, tp, pp) with --remp and reshape through `layouts` while
+    two streams decode; one row per switch."""
+    dp, tp, pp = launch
     rows = []
-    with launch_sglang_server(model_dir, tp=2, extra_args=("--remp",), log_dir=args.out) as server:
-        print(f"server --remp tp=2 healthy after {server.startup_s:.1f}s; log {server.log_path}")
+    with launch_sglang_server(model_dir, tp=tp, pp=pp, dp=dp, extra_args=("--remp",),
+                              log_dir=out) as server:
+        print(f"server --remp {name({'dp': dp, 'tp': tp, 'pp': pp})} healthy after "
+              f"{server.startup_s:.1f}s; log {server.log_path}")
         reference, _ = traffic(server)
         _, cached = traffic(server)
         print(f"traffic sent; a repeated prompt has {cached} tokens cached")
         streams = [Job("generate_stream", tuple(range(10 + i, 30 + i)), "", 150)
                    for i in range(2)]
         undisturbed = [o.output for o in run_concurrently(server.base_url, streams, "")]
-        for tp, pp in layouts:
+        for dp, tp, pp in layouts:
             clients = Background(server.base_url, streams, "")
             time.sleep(0.5)  # the streams are decoding when the reshape comes
             start = time.perf_counter()
-            response = server.post("/remp/reshape", {"tp": tp, "pp": pp}, timeout=600)
+            response = server.post("/remp/reshape", {"dp": dp, "tp": tp, "pp": pp},
+                                   timeout=600)
             end = time.perf_counter()
             response.raise_for_status()
             report = response.json()
@@ -80,29 +86,50 @@ def main() -> None:
             report["streams_ok"] = [o.output for o in streamed] == undisturbed
             outputs, cached_after = traffic(server)
             topo = server.get("/remp/topology").json()
-            assert (topo["tp"], topo["pp"]) == (tp, pp), topo
+            assert (topo["dp"], topo["tp"], topo["pp"]) == (dp, tp, pp), topo
             rows.append({**report, "same_output": outputs == reference and report["streams_ok"],
                          "repeat_cached": cached_after})
-            print(f"reshaped {report['old']} -> {report['new']} with "
+            print(f"reshaped {name(report['old'])} -> {name(report['new'])} with "
                   f"{report['requests_carried']} streams running: downtime "
                   f"{report['downtime_s']:.3f}s, largest client gap {report['client_gap_s']:.3f}s")
-    restarts: dict[tuple[int, int], float] = {}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,1x1,2x1",
+                        help="TPxPP layouts to reshape through, in order (launch: 2x1)")
+    parser.add_argument("--no-replicas", action="store_true",
+                        help="skip the second server (2 replicas merged into TP 2 and split)")
+    parser.add_argument("--no-restarts", action="store_true", help="skip the restart timings")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "demo")
+    args = parser.parse_args()
+    layouts = [(1, *(int(x) for x in item.split("x"))) for item in args.layouts.split(",")]
+
+    model_dir = make_tiny_model(args.out / args.arch, args.arch)
+    print(f"model: {model_dir}")
+    rows = reshape_live(model_dir, args.out, (1, 2, 1), layouts)
+    if not args.no_replicas:
+        rows += reshape_live(model_dir, args.out, (2, 1, 1), [(1, 2, 1), (2, 1, 1)])
+    restarts: dict[tuple[int, int, int], float] = {}
     if not args.no_restarts:
-        for layout in dict.fromkeys(layouts):
-            restarts[layout] = restart_time(model_dir, *layout, args.out)
-            print(f"restart at tp={layout[0]} pp={layout[1]}: {restarts[layout]:.1f}s")
+        for r in rows:
+            layout = (r["new"]["dp"], r["new"]["tp"], r["new"]["pp"])
+            if layout not in restarts:
+                restarts[layout] = restart_time(model_dir, layout, args.out)
+                print(f"restart at {name(r['new'])}: {restarts[layout]:.1f}s")
 
     print("\n# live reshape under streaming load vs full restart (same run; restart = launch "
           "to first token)")
-    print(f"{'switch':>13} {'downtime s':>10} {'wait s':>7} {'client gap s':>12} "
+    print(f"{'switch':>16} {'downtime s':>10} {'wait s':>7} {'client gap s':>12} "
           f"{'carried':>7} {'restart s':>9} {'speedup':>8} {'KV bytes':>9} "
           f"{'weight bytes':>12} {'cached before':>13} {'after':>6} {'same out':>8}")
     for r in rows:
-        layout = (r["new"]["tp"], r["new"]["pp"])
-        restart = restarts.get(layout)
-        switch = f"{r['old']['tp']}x{r['old']['pp']}->{layout[0]}x{layout[1]}"
+        restart = restarts.get((r["new"]["dp"], r["new"]["tp"], r["new"]["pp"]))
+        switch = f"{name(r['old'])}->{name(r['new'])}"
         speed = f"{restart / r['downtime_s']:.0f}x" if restart else "-"
-        print(f"{switch:>13} {r['downtime_s']:>10.3f} {r['request_wait_s']:>7.3f} "
+        print(f"{switch:>16} {r['downtime_s']:>10.3f} {r['request_wait_s']:>7.3f} "
               f"{r['client_gap_s']:>12.3f} {r['requests_carried']:>7} "
               f"{restart or float('nan'):>9.1f} {speed:>8} "
               f"{r['kv_bytes_moved']:>9} {r['weight_bytes_moved']:>12} "
