@@ -97,7 +97,9 @@ def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
                        timeout=timeout_s, headers=headers) as response:
         response.raise_for_status()
         if not job.streaming:
-            out.output = list(response.json()["output_ids"])
+            body = response.json()
+            _raise_if_aborted(body)
+            out.output = list(body["output_ids"])
             out.chunk_times.append(time.perf_counter())
             return
         tokens: list[int] = []
@@ -107,12 +109,21 @@ def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
             chunk = json.loads(line[5:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"])
+            _raise_if_aborted(chunk)
             ids = list(chunk["output_ids"])
             if ids[:len(tokens)] != tokens:  # SGLang streams the ids so far
                 raise RuntimeError("streamed tokens changed after they were sent")
             tokens = ids
             out.chunk_times.append(time.perf_counter())
         out.output = tokens
+
+
+def _raise_if_aborted(body: dict) -> None:
+    """SGLang answers a request it refuses (too long, aborted) with 200 and an "abort"
+    finish reason: for a client that is a failed request."""
+    reason = (body.get("meta_info") or {}).get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        raise RuntimeError(f"aborted: {reason.get('message')}")
 
 
 def _openai(base_url: str, job: Job, out: Outcome, model: str, timeout_s: float,
