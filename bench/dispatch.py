@@ -4,8 +4,9 @@
 
 Two 2-replica servers (`--dp-size 2 --remp`, tiny float32 Llama, CPU), one with SGLang's
 round-robin dispatch and one with `--remp-cache-aware`, serve the same prefix-heavy load:
-documents shared by several questions each (as in the Mooncake conversation trace),
-more documents than one replica's KV holds. Printed per dispatch: prefix-cache hit rate
+documents shared by several questions each (as in the Mooncake conversation trace):
+all the documents (2048 tokens) do not fit one replica's KV (1536 slots), half of them
+do, which is where the choice of replica matters. Printed per dispatch: prefix-cache hit rate
 (cached / prompt tokens), requests per second, latency p50/p90, and how the documents
 spread over the replicas.
 """
@@ -27,7 +28,7 @@ from remp_sglang.testing import launch_sglang_server
 from remp_sglang.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DOC_TOKENS, QUESTION_TOKENS, CAPACITY = 256, 16, 1024
+DOC_TOKENS, QUESTION_TOKENS, CAPACITY = 256, 16, 1536
 
 
 def workload(docs: int, questions: int) -> list[tuple[int, list[int]]]:
