@@ -630,7 +630,10 @@ def _init_world(sched: Any, rt: RempRuntime, topo: Topology, port: int,
     rank = rt.launch_rank % topo.replica_size  # inside its replica
     ranks = derive_spawn_ranks(world_rank=rank, tp_size=tp, ep_join_rank_offset=0,
                                attn_cp_size=1, attn_tp_size=tp, moe_dp_size=1, moe_ep_size=1)
-    dp_rank = topo.replica(rt.launch_rank) if rt.launch_dp > 1 else None
+    # A process keeps its launch replica's index: SGLang's load snapshots and the
+    # controller's workers are numbered by it (a head is a launch replica's first rank).
+    launch_replica = rt.topology.world_size // rt.launch_dp
+    dp_rank = rt.launch_rank // launch_replica if rt.launch_dp > 1 else None
     ranks.update(tp_size=tp, pp_size=pp, attn_tp_size=tp, moe_tp_size=tp,
                  attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0,
                  dp_rank=dp_rank, launch_world_rank=rank)

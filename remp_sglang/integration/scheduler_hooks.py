@@ -118,7 +118,21 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         launch=launch,
     )
     scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
+    if world > 1:
+        _prewarm_vocab_mask(scheduler.device)
     return None
+
+
+def _prewarm_vocab_mask(device: Any) -> None:
+    """SGLang's vocab-parallel embedding masks its input through a torch.compile'd
+    function that runs only when tp > 1, specialised on the shard's bounds: compiled at
+    the first step of such a layout, it stalled that step by 1.5 s on CPU. Compiled here
+    instead, for any bounds (after a second call dynamo makes them symbolic)."""
+    from sglang.srt.layers.vocab_parallel_embedding import get_masked_input_and_mask
+
+    tokens = torch.arange(8, device=device)
+    get_masked_input_and_mask(tokens, 0, 4, 0, 4, 4)
+    get_masked_input_and_mask(tokens, 4, 8, 0, 8, 8)
 
 
 def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
