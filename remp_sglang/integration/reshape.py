@@ -117,8 +117,8 @@ class RempRuntime:
     launch_overlap: bool  # the overlap scheduler as launched (PP layouts turn it off)
     launch_cpus: list[set[int]]  # cores of each launch rank
     reshape_timeout_s: float  # bound of a reshape, and again of its rollback
-    launch_dp: int = 1  # replicas at launch (more: SGLang's data-parallel controller feeds them)
-    launch: Topology | None = None  # the layout as launched (None: the first topology)
+    launch: Topology | None = None  # the layout as launched (its dp > 1: SGLang's data-
+    # parallel controller feeds the replicas; None: the first topology)
     epoch: int = 0
     state: str = "serving"
     pending: tuple[ReshapeOrder, Any] | None = None
@@ -632,8 +632,8 @@ def _init_world(sched: Any, rt: RempRuntime, topo: Topology, port: int,
                                attn_cp_size=1, attn_tp_size=tp, moe_dp_size=1, moe_ep_size=1)
     # A process keeps its launch replica's index: SGLang's load snapshots and the
     # controller's workers are numbered by it (a head is a launch replica's first rank).
-    launch_replica = rt.topology.world_size // rt.launch_dp
-    dp_rank = rt.launch_rank // launch_replica if rt.launch_dp > 1 else None
+    launch = rt.launch or rt.topology
+    dp_rank = rt.launch_rank // launch.replica_size if launch.dp > 1 else None
     ranks.update(tp_size=tp, pp_size=pp, attn_tp_size=tp, moe_tp_size=tp,
                  attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0,
                  dp_rank=dp_rank, launch_world_rank=rank)

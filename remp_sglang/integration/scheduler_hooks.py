@@ -114,7 +114,6 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         launch_overlap=bool(scheduler.enable_overlap),
         launch_cpus=launch_cpus(world),
         reshape_timeout_s=config.reshape_timeout_s,
-        launch_dp=config.launch_dp,
         launch=launch,
     )
     scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
