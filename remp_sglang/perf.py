@@ -2,10 +2,12 @@
 policy ranks layouts by and the simulator advances its clock by.
 
 One formula for every device; a `Hardware` record holds the numbers (datasheet figures
-for GPUs, figures fitted to measured step times on CPU, `bench/step_model.py`). A stage
-of `layers / pp` layers on each of its `tp` devices costs the larger of its FLOPs over
-the device's FLOP rate and its bytes (weight shard, KV read) over its memory bandwidth,
-plus two all-reduces per layer when tp > 1. A replica's step adds the host's fixed cost
+for GPUs, figures fitted to measured step times on CPU, `bench/step_model.py`). The
+slowest pipeline stage sets the pace: the last one, with SGLang's extra layers
+(`ceil(layers / pp)`) and the LM head (logits for every decoded token, for one position
+of a prefill). On each of its `tp` devices it costs the larger of its FLOPs over the
+device's FLOP rate and its bytes (weight shard, KV read) over its memory bandwidth, plus
+two all-reduces per layer when tp > 1. A replica's step adds the host's fixed cost
 per step. Pipeline stages run micro-batches side by side, so a decode period (every
 running request gains one token) is `pp` stage steps of `batch / pp` requests, plus the
 hand-offs between stages; with fewer requests than stages, the bubbles stay.
@@ -55,15 +57,18 @@ class StepModel:
         return s.num_layers * s.num_kv_heads * s.kv_bytes_per_token_per_layer_head
 
     def stage_time(self, topo: Topology, tokens: float, attn_pairs: float,
-                   context: float) -> float:
-        """One stage's forward on each of its tp devices: `tokens` new tokens, `attn_pairs`
-        (query, key) pairs of attention, `context` cached tokens read."""
+                   context: float, logits: float | None = None) -> float:
+        """The slowest stage's forward on each of its tp devices: `tokens` new tokens,
+        `attn_pairs` (query, key) pairs of attention, `context` cached tokens read,
+        `logits` positions through the LM head (default: every token)."""
         s, hw, m = self.model.shape, self.hw, self.model
-        layers = s.num_layers / topo.pp
+        layers = math.ceil(s.num_layers / topo.pp)
         dtype = s.dtype_bytes
-        params = self._layer_params * layers + m.vocab_size * m.hidden_size / topo.pp
-        flops = (2 * params * tokens + 4 * attn_pairs * s.num_heads * s.head_dim * layers) \
-            / topo.tp
+        head = m.vocab_size * m.hidden_size
+        params = self._layer_params * layers + head
+        flops = (2 * self._layer_params * layers * tokens
+                 + 2 * head * (tokens if logits is None else logits)
+                 + 4 * attn_pairs * s.num_heads * s.head_dim * layers) / topo.tp
         kv_heads = max(1, s.num_kv_heads // topo.tp)
         kv_read = context * layers * kv_heads * s.kv_bytes_per_token_per_layer_head
         compute = max(flops / hw.flops, (params * dtype / topo.tp + kv_read) / hw.mem_bw)
@@ -95,5 +100,14 @@ class StepModel:
         if tokens < 1:
             return 0.0
         pairs = tokens * cached + tokens * (tokens + 1) / 2
-        stage = self.stage_time(topo, tokens, pairs, cached)
+        stage = self.stage_time(topo, tokens, pairs, cached, logits=1)
         return self.hw.step_overhead_s + stage + self._handoff(topo, tokens)
+
+    def prefill_latency(self, topo: Topology, tokens: int, cached: int = 0) -> float:
+        """Seconds until a prefill's first token: through every stage in turn."""
+        if tokens < 1:
+            return 0.0
+        pairs = tokens * cached + tokens * (tokens + 1) / 2
+        stage = self.stage_time(topo, tokens, pairs, cached, logits=1)
+        return topo.pp * (self.hw.step_overhead_s + stage) + \
+            (topo.pp - 1) * self._handoff(topo, tokens)

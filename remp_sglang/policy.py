@@ -11,17 +11,24 @@ same code. The rule:
 - Each candidate's goodput (output tokens/s it would complete): requests its replicas
   cannot hold produce nothing; the rest are served up to the layout's service rate,
   `dp / mean(prefill occupancy + output x decode period / batch)`, the batch being what
-  its KV capacity holds of the mean request (`perf.StepModel`). The queue adds
-  `queued / horizon_s` to the offered rate.
+  its KV capacity holds of the mean request (`perf.StepModel`). Offered: the arrival
+  rate plus `queued / horizon_s`, or, when more is in flight, what the requests in
+  flight would complete there (Little's law: clients that wait for each answer send
+  the next sooner on a faster layout).
+- Only a layout that holds every request of the window and the queue may be switched
+  to for gain (one that cannot would be forced back at once, as Amoeba splits only
+  once the long requests are served).
 - Switch when the best candidate's gain over `horizon_s` exceeds what the pause costs
-  (`downtime x goodput now`) and beats the current layout by `min_gain`, in `confirm`
-  decisions in a row, and at least `min_dwell_s` after the last switch (hysteresis: it
-  never flaps faster than that). A request held because the current layout cannot hold
-  it, waiting longer than `max_hold_s`, forces the best layout that serves it.
+  (`downtime x goodput now`, plus re-prefilling KV the target cannot keep) and beats the
+  current layout by `min_gain`, in `confirm` decisions in a row, and at least
+  `min_dwell_s` after the end of the last switch (hysteresis: it never flaps faster
+  than that). A request held because the current layout cannot hold it, waiting longer
+  than `max_hold_s`, forces the best layout that serves it.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -129,13 +136,16 @@ class Demand:
     hit_rate: float  # share of prompt tokens served from the prefix cache
     unservable: int  # requests in the window no candidate can hold
     goodput: float  # output tokens/s measured over the window
+    in_flight: int = 0  # requests running or queued now (that some candidate holds)
+    kv_used: int = 0  # KV slots live now, all replicas
 
     def to_json(self) -> dict:
         n = len(self.requests)
         return {"rate_req_s": round(self.rate, 3), "requests": n,
                 "mean_prompt": round(sum(r.prompt for r in self.requests) / n, 1) if n else 0,
                 "mean_output": round(sum(r.output for r in self.requests) / n, 1) if n else 0,
-                "queued": len(self.queued), "hit_rate": round(self.hit_rate, 3),
+                "queued": len(self.queued), "in_flight": self.in_flight,
+                "hit_rate": round(self.hit_rate, 3),
                 "unservable": self.unservable, "goodput_tok_s": round(self.goodput, 2)}
 
 
@@ -183,8 +193,10 @@ def estimate_demand(samples: Sequence[LoadSample], max_input: int) -> Demand:
         requests=tuple(fits) or queued,
         queued=queued,
         hit_rate=sum(s.cached_tokens for s in window) / prompt if prompt else 0.0,
-        unservable=len(arrived) - len(fits) + sum(s.refused for s in window),
+        unservable=len(arrived) - len(fits),  # refused ones arrived too
         goodput=measured_goodput(samples),
+        in_flight=last.running + len(queued),
+        kv_used=last.kv_used,
     )
 
 
@@ -212,10 +224,21 @@ def goodput(c: Candidate, demand: Demand, model: StepModel,
     batch = max(1, min(c.max_running, int(c.capacity // max(footprint, 1))))
     context = batch * sum(r.prompt + r.output / 2 for r in served) / len(served)
     period = model.decode_period(c.topo, batch, context)
-    work = sum(model.prefill_time(c.topo, max(1, round(r.prompt * (1 - demand.hit_rate))),
-                                  round(r.prompt * demand.hit_rate))
-               + r.output * period / batch for r in served) / len(served)
+
+    def prefill(r: Req, how: Callable) -> float:
+        return how(c.topo, max(1, round(r.prompt * (1 - demand.hit_rate))),
+                   round(r.prompt * demand.hit_rate))
+
+    work = sum(prefill(r, model.prefill_time) + r.output * period / batch
+               for r in served) / len(served)
     service = c.topo.dp / work  # requests/s at saturation
+    # Little's law for the requests in flight, spread over the replicas
+    per_replica = min(batch, math.ceil(demand.in_flight * share / c.topo.dp))
+    if per_replica:
+        ctx = per_replica * context / batch
+        latency = sum(prefill(r, model.prefill_latency) for r in served) / len(served) + \
+            mean_out * model.decode_period(c.topo, per_replica, ctx)
+        offered = max(offered, c.topo.dp * per_replica / latency)
     return min(offered, service) * mean_out, service * mean_out
 
 
@@ -256,14 +279,23 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
                             f"{len(held)} held request(s) (longest prompt {longest}) waited "
                             f"{samples[-1].held_wait_s:.1f}s; {key(best.layout)} holds them",
                             downtime_s=d, **info)
+    longest = max(r.prompt for r in demand.requests + demand.queued)
+    eligible = {c.layout for c in candidates if c.max_input > longest} | {current}
     # ties: stay; else the one with more headroom (lower latency)
-    best_layout = max(rates, key=lambda k: (predicted[k], k == current, rates[k][1]))
+    best_layout = max(eligible, key=lambda k: (predicted.get(k, 0.0), k == current,
+                                               rates[k][1] if k in rates else 0.0))
     if best_layout == current:
-        return stay(f"current layout is the best ({now:.1f} tok/s)")
+        left_out = "" if len(eligible) == len(candidates) else \
+            f"; layouts that cannot hold a {longest}-token prompt left out"
+        return stay(f"current layout is the best ({now:.1f} tok/s){left_out}")
     best = predicted[best_layout]
+    target = by_layout[best_layout]
     d = downtime(current, best_layout)
     gain = (best - now) * config.horizon_s
-    cost = d * max(now, demand.goodput)
+    # the pause, and re-prefilling the live KV the target cannot keep
+    lost = max(0, demand.kv_used - target.capacity * target.topo.dp)
+    refill = model.prefill_time(target.topo, lost) / target.topo.dp if lost else 0.0
+    cost = (d + refill) * max(now, demand.goodput)
     numbers = dict(downtime_s=d, gain_tokens=round(gain, 1), cost_tokens=round(cost, 1))
     if best < now * (1 + config.min_gain):
         return Decision(t, current, current, False,
@@ -367,7 +399,7 @@ class Policy:
             pred.get(key(decision.current), 0.0), pred.get(key(decision.target), 0.0),
             round(measured_goodput(self.samples), 2),
             downtime_s=downtime_s, error=error))
-        self.last_switch_t = decision.t
+        self.last_switch_t = decision.t + (downtime_s or 0.0)  # dwell from the end
         self.streak = ((0, 0, 0), 0)
         if error is None:
             self.current = decision.target

@@ -77,6 +77,17 @@ def test_topology_is_a_normal_read(locked):
     assert call(server, "GET", "/remp/topology", USER).status_code == 200
 
 
+def test_policy_route_under_the_keys(locked):
+    """GET /remp/policy is a normal read; pausing is a control call (admin key). This
+    server's policy is manual: it says so, and there is nothing to pause."""
+    server, _ = locked
+    assert call(server, "GET", "/remp/policy").status_code == 401
+    assert call(server, "GET", "/remp/policy", USER).json() == {"policy": "manual"}
+    assert call(server, "POST", "/remp/policy", USER, {"paused": True}).status_code == 401
+    response = call(server, "POST", "/remp/policy", ADMIN, {"paused": True})
+    assert response.status_code == 400 and "manual" in response.json()["error"]
+
+
 def test_missing_fields_keep_their_current_value(locked):
     server, _ = locked
     response = call(server, "POST", "/remp/reshape", ADMIN, {})

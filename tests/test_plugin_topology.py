@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from remp_sglang.integration.config import ENV_CONFIG, RempConfig, config_from_env
-from remp_sglang.integration.routes import validate_layout
+from remp_sglang.integration.layouts import validate_layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINT_GROUP = "sglang.srt.plugins"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: Environment variable that carries the REMP configuration to SGLang's subprocesses.
@@ -23,6 +23,7 @@ ENV_ANY_VERSION = "REMP_ALLOW_ANY_SGLANG_VERSION"
 #: as long again. A peer whose heartbeat stops for --remp-stall-timeout is lost.
 RESHAPE_TIMEOUT_S = 600.0
 STALL_TIMEOUT_S = 30.0
+POLICIES = ("manual", "auto")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RempConfig:
     reshape_timeout_s: float = RESHAPE_TIMEOUT_S
     stall_timeout_s: float = STALL_TIMEOUT_S
     cache_aware: bool = False  # replicas: dispatch by cached prefix (--remp-cache-aware)
+    policy: str = "manual"  # --remp-policy: "auto" reshapes by itself
+    policy_settings: dict = field(default_factory=dict)  # --remp-policy-config (PolicyConfig)
 
     @property
     def initial_layout(self) -> tuple[int, int]:
@@ -58,6 +61,14 @@ class RempConfig:
                 raise ValueError(f"--remp-{name.replace('_', '-')} must be >= 1, got {value}")
         if not (self.reshape_timeout_s > 0 and self.stall_timeout_s > 0):
             raise ValueError("--remp-reshape-timeout and --remp-stall-timeout must be > 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"--remp-policy must be one of {POLICIES}, got {self.policy!r}")
+        from remp_sglang.policy import PolicyConfig
+
+        try:
+            PolicyConfig.from_dict(self.policy_settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--remp-policy-config: {error}") from error
         tp = self.initial_tp or self.launch_tp
         pp = self.initial_pp or self.launch_pp
         if self.launch_dp * tp * pp > self.launch_world_size:
@@ -138,7 +149,41 @@ def _after_add_cli_args(result: Any, parser: Any) -> None:
         help="With --remp and --dp-size: send each request to the replica that most likely "
         "caches the longest prefix of its prompt, unless that replica is much busier.",
     )
+    group.add_argument(
+        "--remp-policy",
+        choices=POLICIES,
+        default="manual",
+        help="With --remp: 'auto' reshapes (dp, tp, pp) by itself as the load changes; "
+        "'manual' (default) only on POST /remp/reshape. GET /remp/policy shows its "
+        "decisions; POST /remp/policy {\"paused\": true} pauses it.",
+    )
+    group.add_argument(
+        "--remp-policy-config",
+        default=None,
+        help="With --remp-policy auto: its settings, a JSON object or the path of a JSON "
+        "file (keys of remp_sglang.policy.PolicyConfig, e.g. {\"min_dwell_s\": 30}; "
+        "\"hardware\" overrides the step-time model's device figures).",
+    )
     return None
+
+
+def policy_settings(text: str | None) -> dict:
+    """--remp-policy-config: a JSON object, or the path of a file holding one."""
+    if not text:
+        return {}
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(text) as f:
+                text = f.read()
+        except OSError as error:
+            raise ValueError(f"--remp-policy-config: cannot read {text!r}: {error}") from error
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"--remp-policy-config is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError("--remp-policy-config must be a JSON object")
+    return data
 
 
 #: Launch options whose effect a reshape does not rebuild: (field, the value that is

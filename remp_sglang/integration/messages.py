@@ -119,3 +119,15 @@ class RempReplicasReq(BaseReq, kw_only=True):
 
 
 MESSAGE_TYPES = MESSAGE_TYPES + (RempReplicasReq,)
+
+
+class RempLoadReqInput(BaseReq, kw_only=True):
+    """The automatic policy's poll: each replica's head reports its load statistics."""
+
+
+class RempLoadReqOutput(BaseReq, kw_only=True):
+    stats_json: str = "{}"  # `load_stats.snapshot`
+    error: str | None = None
+
+
+MESSAGE_TYPES = MESSAGE_TYPES + (RempLoadReqInput, RempLoadReqOutput)

@@ -42,6 +42,7 @@ from remp_sglang.integration.config import (
     check_sglang_version,
     config_from_env,
     free_port,
+    policy_settings,
     private_plane_path,
 )
 
@@ -103,6 +104,8 @@ def _after_from_cli_args(result: Any, cls: Any, namespace: Any) -> None:
         reshape_timeout_s=float(getattr(namespace, "remp_reshape_timeout", RESHAPE_TIMEOUT_S)),
         stall_timeout_s=float(getattr(namespace, "remp_stall_timeout", STALL_TIMEOUT_S)),
         cache_aware=bool(getattr(namespace, "remp_cache_aware", False)),
+        policy=getattr(namespace, "remp_policy", "manual") or "manual",
+        policy_settings=policy_settings(getattr(namespace, "remp_policy_config", None)),
     )
     # A bookkeeping attribute (underscore, not a field): writable on the sealed record and
     # pickled into every scheduler process by ServerArgs.__reduce__.
@@ -114,7 +117,7 @@ def activate(
     launch_tp: int, launch_pp: int, initial_tp: int | None = None,
     initial_pp: int | None = None, dp_size: int = 1, tokenizer_workers: int = 1,
     reshape_timeout_s: float = RESHAPE_TIMEOUT_S, stall_timeout_s: float = STALL_TIMEOUT_S,
-    cache_aware: bool = False,
+    cache_aware: bool = False, policy: str = "manual", policy_settings: dict | None = None,
 ) -> RempConfig:
     """Turn remp on in this (launcher) process, before SGLang spawns its schedulers."""
     check_sglang_version()
@@ -122,7 +125,8 @@ def activate(
                         initial_tp=initial_tp,
                         initial_pp=initial_pp, plane_path=private_plane_path(),
                         initial_dist_port=free_port(), reshape_timeout_s=reshape_timeout_s,
-                        stall_timeout_s=stall_timeout_s, cache_aware=cache_aware)
+                        stall_timeout_s=stall_timeout_s, cache_aware=cache_aware,
+                        policy=policy, policy_settings=dict(policy_settings or {}))
     config.validate()
     if tokenizer_workers != 1:
         raise ValueError(f"--remp supports --tokenizer-worker-num 1 only, got {tokenizer_workers}")
@@ -183,6 +187,7 @@ def _enable_subprocess(config: RempConfig) -> None:
     if _SCHEDULER_MODULE in sys.modules:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+        from remp_sglang.integration import load_stats
         from remp_sglang.integration import scheduler_hooks as hooks
         from remp_sglang.integration.model_state import around_load_weights_only
         from remp_sglang.integration.step_boundary import after_create_generation_req
@@ -206,6 +211,10 @@ def _enable_subprocess(config: RempConfig) -> None:
             ("Scheduler._should_defer_prefill", hooks.around_should_defer_prefill,
              HookType.AROUND),
             ("dispatch_event_loop", hooks.around_dispatch_event_loop, HookType.AROUND),
+            ("validate_input_length", load_stats.around_validate_input_length,
+             HookType.AROUND),
+            ("Scheduler.init_req_max_new_tokens", load_stats.around_init_req_max_new_tokens,
+             HookType.AROUND),
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)
         HookRegistry.register(

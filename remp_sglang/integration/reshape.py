@@ -262,7 +262,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
                 check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
             chunked = any(r is sched.chunked_req for r in reqs)
-            evicted = make_room(sched, reqs, room_share(old, new, new_size))
+            evicted = make_room(sched, reqs, room_share(old, new, new_size), new_size)
             checkpoint_requests(sched, reqs)
             carried = len(reqs)
         if was_active and rank in old.heads:
@@ -431,7 +431,7 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
         size = rt.capacity_for(new)
         if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
             check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
-        evict = max(0, room_needed(sched, reqs, room_share(old, new, size)))
+        evict = max(0, room_needed(sched, reqs, room_share(old, new, size), size))
     except (CapacityError, CarryRefused, ValueError) as error:
         refused = str(error)
     kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)

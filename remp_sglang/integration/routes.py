@@ -17,8 +17,9 @@ import time
 import uuid
 from typing import Any
 
-from remp_sglang.integration import metrics
+from remp_sglang.integration import metrics, policy_loop
 from remp_sglang.integration.config import RempConfig, config_from_env, free_port
+from remp_sglang.integration.layouts import validate_layout
 from remp_sglang.topology import Topology
 
 try:  # FastAPI resolves the route's annotations from this module's globals
@@ -29,6 +30,7 @@ except ImportError:  # pragma: no cover - only SGLang processes serve the routes
 ROUTE_TOPOLOGY = "/remp/topology"
 ROUTE_RESHAPE = "/remp/reshape"
 ROUTE_PLAN = "/remp/plan"
+ROUTE_POLICY = "/remp/policy"
 #: Test hook (only with REMP_DEBUG_ROUTES=1): a layout-free digest of the cached KV rows.
 ROUTE_KV_DIGEST = "/remp/debug/kv_digest"
 ENV_DEBUG_ROUTES = "REMP_DEBUG_ROUTES"
@@ -56,10 +58,14 @@ def install(config: RempConfig) -> None:
     # As SGLang's own control endpoints: the admin key when one is set, else the API key.
     _reshape_route._auth_level = AuthLevel.ADMIN_OPTIONAL
     _kv_digest_route._auth_level = AuthLevel.ADMIN_OPTIONAL
+    _policy_set_route._auth_level = AuthLevel.ADMIN_OPTIONAL
     app = http_server.app
     app.add_api_route(ROUTE_TOPOLOGY, _topology_route, methods=["GET"], name="remp_topology")
     app.add_api_route(ROUTE_RESHAPE, _reshape_route, methods=["POST"], name="remp_reshape")
     app.add_api_route(ROUTE_PLAN, _plan_route, methods=["POST"], name="remp_plan")
+    app.add_api_route(ROUTE_POLICY, _policy_route, methods=["GET"], name="remp_policy")
+    app.add_api_route(ROUTE_POLICY, _policy_set_route, methods=["POST"],
+                      name="remp_policy_set")
     if os.environ.get(ENV_DEBUG_ROUTES) == "1":
         app.add_api_route(ROUTE_KV_DIGEST, _kv_digest_route, methods=["GET"],
                           name="remp_kv_digest")
@@ -81,7 +87,7 @@ class HealthGate:
     schedulers answer nothing while they reshape. The gate lets a check in only when no
     reshape runs, and runs again a check that failed because a reshape started under
     it. It also creates the remp metrics on the first request (by then SGLang has set up
-    Prometheus' multi-process directory)."""
+    Prometheus' multi-process directory) and starts the automatic policy, if on."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -90,12 +96,14 @@ class HealthGate:
         if scope["type"] != "http" or scope.get("path") not in HEALTH_PATHS:
             if scope["type"] == "http":
                 metrics.ensure()
+                _start_policy()
             return await self.app(scope, receive, send)
         messages: list[dict] = []
 
         async def keep(message: dict) -> None:
             messages.append(message)
 
+        _start_policy()
         for _attempt in range(2):
             await _reshape_settled()
             started = _main_view.get("reshapes", 0)
@@ -107,6 +115,42 @@ class HealthGate:
                 break
         for message in messages:
             await send(message)
+
+
+def _start_policy() -> None:
+    loop = policy_loop.loop_for(config_from_env() or RempConfig())
+    if loop is not None:
+        loop.start()
+
+
+async def _policy_route(request: Request) -> Any:
+    """GET /remp/policy (`?series=1` adds the sampled load over time)."""
+    from fastapi.responses import JSONResponse
+
+    loop = policy_loop.loop_for(config_from_env() or RempConfig())
+    if loop is None:
+        return JSONResponse({"policy": "manual"})
+    return JSONResponse(loop.to_json(series=request.query_params.get("series") == "1"))
+
+
+async def _policy_set_route(request: Request) -> Any:
+    """POST /remp/policy {"paused": true|false}: pause or resume the automatic policy."""
+    from fastapi.responses import JSONResponse
+
+    loop = policy_loop.loop_for(config_from_env() or RempConfig())
+    if loop is None:
+        return JSONResponse({"error": "the policy is manual (launch with --remp-policy "
+                                      "auto)"}, status_code=400)
+    try:
+        body = await request.json()
+    except ValueError as error:
+        return JSONResponse({"error": f"invalid JSON body: {error}"}, status_code=400)
+    if not isinstance(body, dict) or set(body) != {"paused"} or \
+            not isinstance(body["paused"], bool):
+        return JSONResponse({"error": 'body must be {"paused": true} or {"paused": false}'},
+                            status_code=400)
+    loop.set_paused(body["paused"])
+    return JSONResponse({"paused": loop.paused})
 
 
 async def _reshape_settled() -> None:
@@ -292,87 +336,6 @@ def _publish_limits(tokenizer_manager: Any, report: dict[str, Any]) -> None:
     state = get_global_state()
     if state is not None and isinstance(getattr(state, "scheduler_info", None), dict):
         state.scheduler_info.update(max_total_num_tokens=capacity, max_req_input_len=max_input)
-
-
-def validate_layout(
-    body: Any, config: RempConfig, hf_config: Any, cpu: bool = False,
-    current: tuple[int, int, int] | None = None,
-) -> Topology:
-    """The layout a reshape request asks for, or ValueError with the reason (-> 400).
-
-    A field left out keeps its `current` value (dp, tp, pp), but a server launched with
-    replicas fills its ranks when dp is left out (`{"tp": 2}` on 2 ranks merges,
-    `{"tp": 1}` splits): ranks are parked only when a smaller dp is asked for.
-    Refused here, before anything moves, is every layout SGLang would reject at model
-    build: heads and KV heads (its QKV split), the MLP's intermediate size and the padded
-    vocabulary (its `divide`), layers per stage. On CPU, SGLang pads KV (and query) heads
-    when tp does not divide the KV heads rather than replicating them as on GPU; remp
-    moves only unpadded layouts there. Replicas need SGLang's data-parallel controller
-    (launch with --dp-size), and each replica's first rank must be one it feeds (a
-    launch replica's first rank).
-    """
-    if not isinstance(body, dict):
-        raise ValueError('body must be a JSON object like {"tp": 2, "pp": 1}')
-    unknown = sorted(set(body) - {"dp", "tp", "pp"})
-    if unknown:
-        raise ValueError(f"unknown fields {unknown}; expected dp, tp and pp")
-    keep = dict(zip(("dp", "tp", "pp"), current or (1, 1, 1), strict=True))
-    values = []
-    for name in ("tp", "pp", "dp"):
-        value = body.get(name, keep[name])
-        if name == "dp" and "dp" not in body and config.launch_dp > 1:
-            value = max(1, config.launch_world_size // (values[0] * values[1]))
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        values.append(value)
-    tp, pp, dp = values
-    world = config.launch_world_size
-    if dp * tp * pp > world:
-        raise ValueError(f"dp*tp*pp = {dp * tp * pp} exceeds the {world} ranks this "
-                         f"server was launched with")
-    if dp > 1 and config.launch_dp == 1:
-        raise ValueError("dp > 1 needs SGLang's data-parallel controller: launch with "
-                         "--dp-size")
-    launch_replica = world // config.launch_dp
-    if dp > 1 and (tp * pp) % launch_replica:
-        raise ValueError(f"each replica's first rank must be one SGLang feeds requests to "
-                         f"(a multiple of the launch tp*pp = {launch_replica}): tp*pp = "
-                         f"{tp * pp} is not")
-    from remp_sglang.integration.model_state import decoder_of
-
-    decoder = decoder_of(hf_config, torch_dtype_of(hf_config))
-    topo = Topology(tp, pp, world, dp)
-    topo.check_model(decoder.shape)
-    sglang_divides(tp, decoder.intermediate_size, decoder.vocab_size)
-    if cpu and decoder.shape.num_kv_heads % tp:
-        raise ValueError(f"on CPU, tp={tp} must divide the {decoder.shape.num_kv_heads} KV "
-                         "heads (SGLang pads heads there instead of replicating them)")
-    return topo
-
-
-def sglang_divides(tp: int, intermediate_size: int, vocab_size: int) -> None:
-    """SGLang's own divisibility rules for tp (ValueError naming the size)."""
-    from sglang.srt.layers.vocab_parallel_embedding import (
-        DEFAULT_VOCAB_PADDING_SIZE,
-        pad_vocab_size,
-    )
-
-    if intermediate_size % tp:
-        raise ValueError(f"tp={tp} must divide the MLP intermediate size {intermediate_size} "
-                         "(SGLang's column-parallel split)")
-    padding = DEFAULT_VOCAB_PADDING_SIZE  # SGLang widens the padding when tp needs it
-    if pad_vocab_size(vocab_size, padding) % tp:
-        padding *= tp
-    if pad_vocab_size(vocab_size, padding) % tp:
-        raise ValueError(f"tp={tp} cannot split the vocabulary of {vocab_size} tokens")
-
-
-def torch_dtype_of(hf_config: Any) -> Any:
-    import torch
-
-    return getattr(hf_config, "torch_dtype", None) or torch.float32
 
 
 async def _plan_route(request: Request) -> Any:

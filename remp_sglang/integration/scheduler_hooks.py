@@ -34,6 +34,7 @@ from remp_sglang.engine import CapacityError
 from remp_sglang.memory import launch_budgets
 from remp_sglang.topology import Topology
 
+from . import load_stats
 from .cache_state import kv_digest
 from .config import config_from_env
 from .model_state import decoder_of
@@ -117,9 +118,28 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
         launch=launch,
     )
     scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
+    load_stats.wrap_evict(scheduler.tree_cache)
+    if config.policy == "auto" and decoder is not None:
+        _hold_for_wider_layouts(scheduler, scheduler._remp, config)
     if world > 1:
         _prewarm_vocab_mask(scheduler.device)
     return None
+
+
+def _hold_for_wider_layouts(scheduler: Any, rt: RempRuntime, config: Any) -> None:
+    """Under the automatic policy, a prompt that some candidate layout admits is held
+    rather than refused: the policy reshapes to a layout that serves it."""
+    from .layouts import max_input_of, policy_candidates
+
+    longest = 0
+    for topo in policy_candidates(config, scheduler.model_config.hf_config,
+                                  cpu=scheduler.device == "cpu"):
+        try:
+            capacity = rt.capacity_for(topo)
+        except CapacityError:
+            continue
+        longest = max(longest, max_input_of(scheduler.model_config.context_len, capacity))
+    load_stats.COUNTERS.hold_up_to = longest
 
 
 def _prewarm_vocab_mask(device: Any) -> None:
@@ -164,6 +184,7 @@ def after_init_request_dispatcher(result: Any, scheduler: Any, *args: Any, **kwa
 
     from .messages import (
         RempKVDigestReqInput,
+        RempLoadReqInput,
         RempPlanReqInput,
         RempReshapeReqInput,
         RempTopologyReqInput,
@@ -172,6 +193,7 @@ def after_init_request_dispatcher(result: Any, scheduler: Any, *args: Any, **kwa
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (RempTopologyReqInput, lambda req: handle_topology(scheduler, req)),
         (RempPlanReqInput, lambda req: handle_plan(scheduler, req)),
+        (RempLoadReqInput, lambda req: handle_load(scheduler, req)),
         (RempReshapeReqInput, lambda req: handle_reshape(scheduler, req)),
         (RempKVDigestReqInput, lambda req: handle_kv_digest(scheduler, req)),
     ])
@@ -252,6 +274,20 @@ def handle_plan(scheduler: Any, request: Any) -> Any:
         return RempPlanReqOutput(error=f"{type(error).__name__}: {error}")
 
 
+def handle_load(scheduler: Any, request: Any) -> Any:
+    """This replica's load statistics since the last poll (the automatic policy's)."""
+    from .messages import RempLoadReqOutput
+
+    rt = runtime(scheduler)
+    try:
+        topo = rt.topology
+        return RempLoadReqOutput(stats_json=json.dumps(
+            load_stats.snapshot(scheduler, (topo.dp, topo.tp, topo.pp))))
+    except Exception as error:  # report instead of killing the scheduler
+        logger.exception("remp: load request failed")
+        return RempLoadReqOutput(error=f"{type(error).__name__}: {error}")
+
+
 def handle_reshape(scheduler: Any, request: Any) -> Any:
     """Every active rank records the order; it runs at the next step boundary."""
     from .messages import RempReshapeReqOutput
@@ -306,7 +342,11 @@ def _next_batch(original: Any, scheduler: Any, rt: RempRuntime, running_batch: A
     if rt.pending is None and rt.topology.pp > 1 and rt.pp_retract:
         return _pp_retract(scheduler, rt, running_batch)
     if rt.pending is None:
-        return original(scheduler, running_batch, last_batch)
+        held = load_stats.without_held(scheduler)  # a wider layout will serve these
+        try:
+            return original(scheduler, running_batch, last_batch)
+        finally:
+            load_stats.restore(scheduler, held)
     if rt.topology.pp > 1 and rt.hold < pp_hold_steps(scheduler):
         # Launched micro-batches finish on every stage; nothing new is scheduled.
         from sglang.srt.managers.schedule_batch import NextBatchPlan
@@ -474,6 +514,8 @@ def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
 def after_process_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
     """The first batch on a new layout has streamed its tokens: answer the reshape."""
     rt = runtime(scheduler)
+    if rt is not None:
+        load_stats.count_batch(args[0] if args else kwargs.get("batch"))
     if rt is not None and rt.reply is not None:
         _send_reply(scheduler, rt)
     return None

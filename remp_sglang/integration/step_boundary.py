@@ -126,14 +126,16 @@ def kv_requests(scheduler: Any) -> list[Any]:
 # ----------------------------------------------------------------------------- room
 
 
-def make_room(scheduler: Any, reqs: list[Any], capacity: int) -> int:
+def make_room(scheduler: Any, reqs: list[Any], capacity: int,
+              replica_capacity: int | None = None) -> int:
     """Evict unreferenced cached prefixes (SGLang's LRU) until the live KV plus one new
-    slot per carried request fits `capacity`; CapacityError (nothing evicted) if even
-    evicting every unreferenced prefix would not, or if a carried or queued request could
-    never complete there. Returns the tokens evicted."""
+    slot per carried request fits `capacity` (this replica's share of the new replica's
+    slots); CapacityError (nothing evicted) if even evicting every unreferenced prefix
+    would not, or if a carried or queued request could never complete in a new replica
+    (`replica_capacity` slots, default `capacity`). Returns the tokens evicted."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    need = room_needed(scheduler, reqs, capacity)
+    need = room_needed(scheduler, reqs, capacity, replica_capacity)
     if need <= 0:
         return 0
     alloc = scheduler.token_to_kv_pool_allocator
@@ -142,15 +144,17 @@ def make_room(scheduler: Any, reqs: list[Any], capacity: int) -> int:
     return int(alloc.available_size() - before)
 
 
-def room_needed(scheduler: Any, reqs: list[Any], capacity: int) -> int:
+def room_needed(scheduler: Any, reqs: list[Any], capacity: int,
+                replica_capacity: int | None = None) -> int:
     """Cached tokens `make_room` must evict for `capacity` (<= 0: none); CapacityError
     if it could not. Changes nothing (the dry run of /remp/plan uses it too)."""
+    whole = replica_capacity or capacity
     for req in list(reqs) + _queued(scheduler):
         longest = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
-        if longest > capacity:
+        if longest > whole:
             raise CapacityError(
                 f"request {req.rid} may grow to {longest} tokens (prompt + max_new_tokens), "
-                f"more than the {capacity} KV slots of the new layout")
+                f"more than the {whole} KV slots of a replica of the new layout")
     alloc, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
     live = int(alloc.size) - int(alloc.available_size())
     need = live + len(reqs) - capacity

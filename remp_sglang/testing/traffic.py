@@ -42,6 +42,7 @@ class Outcome:
     t_start: float = 0.0
     t_end: float = 0.0
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (/generate)
 
     @property
     def max_gap(self) -> float:
@@ -99,6 +100,7 @@ def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
         if not job.streaming:
             body = response.json()
             _raise_if_aborted(body)
+            out.cached_tokens = (body.get("meta_info") or {}).get("cached_tokens")
             out.output = list(body["output_ids"])
             out.chunk_times.append(time.perf_counter())
             return
@@ -114,6 +116,7 @@ def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
             if ids[:len(tokens)] != tokens:  # SGLang streams the ids so far
                 raise RuntimeError("streamed tokens changed after they were sent")
             tokens = ids
+            out.cached_tokens = (chunk.get("meta_info") or {}).get("cached_tokens")
             out.chunk_times.append(time.perf_counter())
         out.output = tokens
 

@@ -1,0 +1,247 @@
+"""Real request traces against every fixed layout and `--remp-policy auto`.
+
+    python bench/trace_replay.py [--quick] [--json PATH] [--plot PATH.png]
+
+Windows of ../shared/traces (Azure LLM 2023 conversation and code: arrival times and
+token counts; Mooncake conversation: also its prefix-block hashes, so repeated prefixes
+really repeat and hit the radix cache) are replayed against a 2-rank server
+(`--dp-size 2 --remp --max-total-tokens 512`, tiny float32 Llama, CPU): DP 2 (two
+replicas of 512 KV slots each: prompts up to 506 tokens), TP 2 and PP 2 (one instance of
+1024 slots: up to 1018), and auto (starts at DP 2, reshapes by itself).
+
+Scaling to the tiny model and this machine: token counts divided by `token_div` (4 for
+Azure conversation, 8 for Azure code, 32 for Mooncake; prompts capped at 1000 tokens,
+outputs at 48), arrival times compressed by `time_div` (the same requests offered that
+many times faster). A Mooncake block of 512 tokens becomes 16 tokens, each block hash
+always the same 16 token ids. Windows are those where the share of long prompts (over
+one replica's 506 tokens) shifts most between their halves (`sim.traces.shift_windows`).
+
+Every configuration runs the same server code: a fixed layout is the policy with that
+one candidate (it never switches, and SGLang refuses what the layout cannot hold, as
+without remp); auto has every layout. Per (window, configuration): requests completed
+and refused or failed, throughput (output tokens/s over the replay), TTFT and TPOT p50
+and p99, prefix cache hit rate, reshapes. The plot: throughput, queue and KV usage
+over time, one line per configuration, reshapes marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from remp_sglang.sim import traces as T
+from remp_sglang.testing import launch_sglang_server
+from remp_sglang.testing.traffic import Job, Outcome, run_job
+from remp_sglang.tiny_model import make_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXED = {"DP2": (2, 1, 1), "TP2": (1, 2, 1), "PP2": (1, 1, 2)}
+LONG = 507  # prompts a DP 2 replica cannot hold
+#: (trace, token_div, time_div, window length in trace seconds)
+TRACES = (("azure_conv", 4, 2.0, 60), ("mooncake", 32, 1.0, 60), ("azure_code", 8, 4.0, 120))
+POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 5.0,
+          "max_hold_s": 1.0, "confirm": 2, "default_downtime_s": 0.3}
+
+
+def prompt_ids(r: T.TraceRequest, index: int, block_tokens: int) -> tuple[int, ...]:
+    """Token ids of a replayed prompt: the request's blocks (the same hash, the same
+    ids), then ids unique to it."""
+    out: list[int] = []
+    for h in r.blocks:
+        out += [5 + (h * 131 + j * 17) % 250 for j in range(block_tokens)]
+    out += [5 + ((index + 1) * 7919 + j * 31) % 250 for j in range(r.prompt)]
+    return tuple(out[:r.prompt])
+
+
+def windows(quick: bool) -> list[tuple[str, list[T.TraceRequest], int, dict]]:
+    out = []
+    for name, token_div, time_div, length in TRACES[:2] if quick else TRACES:
+        length = length // 2 if quick else length
+        reqs = T.scale(T.load(name), token_div, 1.0, max_prompt=1000, max_output=48)
+        start = T.shift_windows(reqs, length, LONG, 1)[0]
+        chosen = T.scale(T.window(reqs, start, length), 1.0, time_div)
+        info = {"trace": name, "start_s": start, "trace_seconds": length,
+                "token_div": token_div, "time_div": time_div, "requests": len(chosen),
+                "long_share": round(T.long_share(chosen, LONG), 3),
+                "block_tokens": 512 // token_div}
+        out.append((f"{name}@{start:.0f}s", chosen, 512 // token_div, info))
+    return out
+
+
+def replay(url: str, model: str, reqs: list[T.TraceRequest],
+           block_tokens: int) -> tuple[list[Outcome], float]:
+    jobs = [Job("generate_stream", prompt_ids(r, i, block_tokens), "", r.output)
+            for i, r in enumerate(reqs)]
+    start = time.perf_counter()
+
+    def send(i: int) -> Outcome:
+        delay = reqs[i].t - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        return run_job(url, jobs[i], model, timeout_s=900)
+
+    with ThreadPoolExecutor(256) as pool:
+        outcomes = list(pool.map(send, range(len(jobs))))
+    return outcomes, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarize(outcomes: list[Outcome], wall: float) -> dict:
+    ok = [o for o in outcomes if o.error is None and o.chunk_times]
+    tokens = sum(len(o.output) for o in ok)
+    ttft = [o.chunk_times[0] - o.t_start for o in ok]
+    tpot = [(o.t_end - o.chunk_times[0]) / (len(o.output) - 1) for o in ok if len(o.output) > 1]
+    prompt = sum(len(o.job.prompt_ids) for o in ok)
+    cached = sum(o.cached_tokens or 0 for o in ok)
+    return {"requests": len(outcomes), "completed": len(ok), "failed": len(outcomes) - len(ok),
+            "throughput_tok_s": tokens / wall, "wall_s": wall,
+            "ttft_p50_s": statistics.median(ttft) if ttft else float("nan"),
+            "ttft_p99_s": pct(ttft, 0.99),
+            "tpot_p50_s": statistics.median(tpot) if tpot else float("nan"),
+            "tpot_p99_s": pct(tpot, 0.99), "hit_rate": cached / prompt if prompt else 0.0,
+            "errors": sorted({(o.error or "")[:120] for o in outcomes if o.error})[:3]}
+
+
+def run_config(name: str, layouts: list[tuple[int, int, int]], wins: list, out: Path,
+               model_dir: Path) -> list[dict]:
+    settings = dict(POLICY, candidates=[list(x) for x in layouts])
+    args = ("--remp", "--remp-policy", "auto", "--remp-policy-config", json.dumps(settings))
+    rows = []
+    with launch_sglang_server(model_dir, tp=1, dp=2, extra_args=args, log_dir=out / name,
+                              max_total_tokens=512) as server:
+        url, model = server.base_url, str(model_dir)
+        start = FIXED[name] if name in FIXED else FIXED["DP2"]
+        print(f"[{name}] server healthy after {server.startup_s:.1f}s", flush=True)
+        for label, reqs, block_tokens, info in wins:
+            server.post("/remp/policy", {"paused": True}).raise_for_status()
+            dp, tp, pp = start
+            server.post("/remp/reshape", {"dp": dp, "tp": tp, "pp": pp},
+                        timeout=600).raise_for_status()
+            server.flush_cache()
+            run_job(url, Job("generate", (5, 6, 7, 8), "", 2), model)  # warm
+            before = server.get("/remp/policy").json()
+            switches0 = len(before.get("switches", []))
+            series0 = server.get("/remp/policy?series=1").json().get("series") or [{"t": 0}]
+            t0 = series0[-1]["t"]
+            server.post("/remp/policy", {"paused": False}).raise_for_status()
+            outcomes, wall = replay(url, model, reqs, block_tokens)
+            time.sleep(1.0)  # the last sample
+            after = server.get("/remp/policy?series=1").json()
+            server.post("/remp/policy", {"paused": True}).raise_for_status()
+            switches = after.get("switches", [])[switches0:]
+            series = [dict(s, t=round(s["t"] - t0, 3)) for s in after.get("series", [])
+                      if s["t"] > t0]
+            row = {"window": label, "config": name, **summarize(outcomes, wall),
+                   "reshapes": len([s for s in switches if s.get("error") is None]),
+                   "switches": switches, "series": series, "window_info": info}
+            rows.append(row)
+            print(f"[{name}] {label}: {row['completed']}/{row['requests']} done, "
+                  f"{row['throughput_tok_s']:.1f} tok/s, TTFT p99 {row['ttft_p99_s']:.2f}s, "
+                  f"reshapes {row['reshapes']}", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["window"] for r in rows))
+    fig, axes = plt.subplots(3, len(labels), figsize=(6 * len(labels), 9), squeeze=False)
+    colors = {"DP2": "tab:blue", "TP2": "tab:orange", "PP2": "tab:green", "auto": "black"}
+    for col, label in enumerate(labels):
+        for r in (r for r in rows if r["window"] == label):
+            s = r["series"]
+            t = [x["t"] for x in s]
+            dt = [max(b - a, 1e-3) for a, b in zip([0.0] + t[:-1], t, strict=True)]
+            c = colors.get(r["config"], "gray")
+            axes[0][col].plot(t, [x["generated"] / d for x, d in zip(s, dt, strict=True)],
+                              color=c, label=r["config"], lw=1)
+            axes[1][col].plot(t, [x["waiting"] for x in s], color=c, lw=1)
+            axes[2][col].plot(t, [x["kv_used"] / max(x["kv_capacity"], 1) for x in s],
+                              color=c, lw=1)
+            for x in s:
+                if "reshape" in x:
+                    for ax in axes[:, col]:
+                        ax.axvline(x["t"], color=c, ls=":", lw=0.8)
+        axes[0][col].set_title(label)
+        axes[0][col].set_ylabel("output tokens/s")
+        axes[1][col].set_ylabel("queued requests")
+        axes[2][col].set_ylabel("KV used / capacity")
+        axes[2][col].set_xlabel("seconds (dotted: auto's reshapes)")
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def report(rows: list[dict]) -> list[str]:
+    lines = ["# trace replay on one 2-rank CPU server (tiny Llama float32): fixed layouts "
+             "vs --remp-policy auto",
+             f"{'window':>18} {'config':>6} {'done':>9} {'fail':>4} {'tok/s':>7} "
+             f"{'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} {'TPOT p99':>8} {'hit':>5} "
+             f"{'reshapes':>8}"]
+    for r in rows:
+        lines.append(f"{r['window']:>18} {r['config']:>6} {r['completed']:>4}/{r['requests']:<4} "
+                     f"{r['failed']:>4} {r['throughput_tok_s']:>7.1f} {r['ttft_p50_s']:>8.2f} "
+                     f"{r['ttft_p99_s']:>8.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>8.3f} "
+                     f"{r['hit_rate']:>5.2f} {r['reshapes']:>8}")
+    lines.append("")
+    for label in dict.fromkeys(r["window"] for r in rows):
+        per = {r["config"]: r for r in rows if r["window"] == label}
+        fixed = {k: v for k, v in per.items() if k in FIXED}
+        best = max(fixed, key=lambda k: fixed[k]["throughput_tok_s"])
+        worst_ttft = max(v["ttft_p99_s"] for v in fixed.values())
+        auto = per.get("auto")
+        if auto:
+            ratio = auto["throughput_tok_s"] / max(fixed[best]["throughput_tok_s"], 1e-9)
+            lines.append(
+                f"{label}: auto {auto['throughput_tok_s']:.1f} tok/s vs best fixed {best} "
+                f"{fixed[best]['throughput_tok_s']:.1f} ({ratio:.2f}x); auto TTFT p99 "
+                f"{auto['ttft_p99_s']:.2f}s vs worst fixed {worst_ttft:.2f}s; "
+                f"reshapes {auto['reshapes']}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--configs", default="DP2,TP2,PP2,auto")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "trace_replay")
+    args = parser.parse_args()
+    wins = windows(args.quick)
+    for label, reqs, _, info in wins:
+        print(f"window {label}: {len(reqs)} requests over {reqs[-1].t:.0f}s, "
+              f"long share {info['long_share']}", flush=True)
+    model_dir = make_tiny_model(args.out / "llama", "llama")
+    rows = []
+    for name in args.configs.split(","):
+        layouts = [FIXED[name]] if name in FIXED else list(FIXED.values())
+        rows += run_config(name, layouts, wins, args.out, model_dir)
+    lines = report(rows)
+    print("\n" + "\n".join(lines))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "policy": POLICY}, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
