@@ -73,9 +73,7 @@ def predict(sm: StepModel, row: dict, front_s: float) -> float:
     topo = Topology(row["tp"], row["pp"], 2, row["dp"])
     if row["kind"] == "decode":
         return sm.decode_period(topo, row["batch"], row["batch"] * (PROMPT + OUTPUT / 2))
-    hw = sm.hw  # the first token's latency: every stage in turn, plus the front end
-    return front_s + topo.pp * (hw.step_overhead_s + sm.stage_time(
-        topo, row["tokens"], row["tokens"] ** 2 / 2, 0)) + (topo.pp - 1) * hw.link_latency_s
+    return front_s + sm.prefill_latency(topo, row["tokens"])  # plus the front end
 
 
 def fit(rows: list[dict], start: Hardware) -> tuple[Hardware, float]:

@@ -9,11 +9,11 @@ really repeat and hit the radix cache) are replayed against a 2-rank server
 replicas of 512 KV slots each: prompts up to 506 tokens), TP 2 and PP 2 (one instance of
 1024 slots: up to 1018), and auto (starts at DP 2, reshapes by itself).
 
-Scaling to the tiny model and this machine: token counts divided by `token_div` (4 for
-Azure conversation, 8 for Azure code, 32 for Mooncake; prompts capped at 1000 tokens,
-outputs at 48), arrival times compressed by `time_div` (the same requests offered that
-many times faster). A Mooncake block of 512 tokens becomes 16 tokens, each block hash
-always the same 16 token ids. Windows are those where the share of long prompts (over
+Scaling to the tiny model and this machine: token counts divided by `token_div` (8 for
+Azure conversation, 12 for Azure code, 48 for Mooncake; prompts capped at 1000 tokens,
+outputs at 48), arrival times compressed by `time_div` (1.5, 3 and 1: the same requests
+offered that many times faster). A Mooncake block of 512 tokens becomes 10 tokens,
+each block hash always the same ids. Windows are those where the share of long prompts (over
 one replica's 506 tokens) shifts most between their halves (`sim.traces.shift_windows`).
 
 Every configuration runs the same server code: a fixed layout is the policy with that
@@ -43,8 +43,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"DP2": (2, 1, 1), "TP2": (1, 2, 1), "PP2": (1, 1, 2)}
 LONG = 507  # prompts a DP 2 replica cannot hold
 #: (trace, token_div, time_div, window length in trace seconds)
-TRACES = (("azure_conv", 4, 2.0, 60), ("mooncake", 32, 1.0, 60), ("azure_code", 8, 4.0, 120))
-POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 5.0,
+TRACES = (("azure_conv", 8, 1.5, 60), ("mooncake", 48, 1.0, 60), ("azure_code", 12, 3.0, 120))
+#: Knobs scaled to this machine: a switch pauses about 0.25 s here, so two seconds of
+#: dwell is eight pauses (the defaults are for GPUs, whose switches take longer).
+POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 2.0,
           "max_hold_s": 1.0, "confirm": 2, "default_downtime_s": 0.3}
 
 

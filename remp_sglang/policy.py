@@ -15,9 +15,10 @@ same code. The rule:
   rate plus `queued / horizon_s`, or, when more is in flight, what the requests in
   flight would complete there (Little's law: clients that wait for each answer send
   the next sooner on a faster layout).
-- Only a layout that holds every request of the window and the queue may be switched
-  to for gain (one that cannot would be forced back at once, as Amoeba splits only
-  once the long requests are served).
+- Only a layout that holds every request running or queued, and whose replica holds
+  the KV the running requests pin, may be switched to for gain (one that cannot would
+  be refused or forced back at once: as Amoeba, split only once the long requests are
+  served).
 - Switch when the best candidate's gain over `horizon_s` exceeds what the pause costs
   (`downtime x goodput now`, plus re-prefilling KV the target cannot keep) and beats the
   current layout by `min_gain`, in `confirm` decisions in a row, and at least
@@ -73,6 +74,7 @@ class LoadSample:
     held: tuple[Req, ...] = ()  # queued, longer than a replica of this layout holds
     held_wait_s: float = 0.0  # the longest a held request has waited
     running: int = 0
+    longest_running: int = 0  # the longest prompt among the running requests
     kv_used: int = 0
     kv_capacity: int = 0  # all replicas
     generated: int = 0  # output tokens
@@ -138,6 +140,7 @@ class Demand:
     goodput: float  # output tokens/s measured over the window
     in_flight: int = 0  # requests running or queued now (that some candidate holds)
     kv_used: int = 0  # KV slots live now, all replicas
+    longest_now: int = 0  # the longest prompt running or queued now
 
     def to_json(self) -> dict:
         n = len(self.requests)
@@ -197,6 +200,7 @@ def estimate_demand(samples: Sequence[LoadSample], max_input: int) -> Demand:
         goodput=measured_goodput(samples),
         in_flight=last.running + len(queued),
         kv_used=last.kv_used,
+        longest_now=max([last.longest_running] + [r.prompt for r in queued]),
     )
 
 
@@ -279,14 +283,18 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
                             f"{len(held)} held request(s) (longest prompt {longest}) waited "
                             f"{samples[-1].held_wait_s:.1f}s; {key(best.layout)} holds them",
                             downtime_s=d, **info)
-    longest = max(r.prompt for r in demand.requests + demand.queued)
-    eligible = {c.layout for c in candidates if c.max_input > longest} | {current}
+    longest = demand.longest_now
+    # a replica of the target must hold the longest request and the KV the running
+    # requests pin (a split copies the tree to every replica; a merge joins them)
+    eligible = {c.layout for c in candidates
+                if c.max_input > longest and demand.kv_used < c.capacity} | {current}
     # ties: stay; else the one with more headroom (lower latency)
     best_layout = max(eligible, key=lambda k: (predicted.get(k, 0.0), k == current,
                                                rates[k][1] if k in rates else 0.0))
     if best_layout == current:
         left_out = "" if len(eligible) == len(candidates) else \
-            f"; layouts that cannot hold a {longest}-token prompt left out"
+            f"; layouts that cannot hold a {longest}-token prompt or {demand.kv_used} " \
+            "pinned KV slots left out"
         return stay(f"current layout is the best ({now:.1f} tok/s){left_out}")
     best = predicted[best_layout]
     target = by_layout[best_layout]

@@ -221,3 +221,15 @@ def test_dwell_counts_from_the_end_of_the_pause():
         server.tick(arrived=short(40), waiting=short(60), generated=250)
     (switch,) = server.policy.switches
     assert server.policy.last_switch_t == pytest.approx(switch.t + 0.25)
+
+
+def test_no_split_while_running_requests_pin_more_kv_than_a_replica_holds():
+    server = Server(PP2)
+    for _ in range(10):
+        server.policy.observe(LoadSample(server.t + 1, PP2, arrived=short(40),
+                                         waiting=short(60), running=4, kv_used=700,
+                                         generated=250))
+        server.t += 1
+        decision = server.policy.decide()
+        assert not decision.switch
+    assert "pinned KV" in decision.reason

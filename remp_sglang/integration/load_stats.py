@@ -146,7 +146,10 @@ def snapshot(scheduler: Any, layout: tuple[int, int, int]) -> dict:
             "waiting": waiting[:MAX_REPORTED], "held": held[:MAX_REPORTED],
             "held_wait_s": max(waits.values(), default=0.0),
             "held_rids": sorted(waits.items(), key=lambda x: -x[1])[:MAX_REPORTED],
-            "running": len(scheduler.running_batch.reqs), "kv_used": max(0, used),
+            "running": len(scheduler.running_batch.reqs),
+            "longest_running": max((len(r.origin_input_ids) for r in
+                                    scheduler.running_batch.reqs), default=0),
+            "kv_used": max(0, used),
             "kv_capacity": capacity, "max_input": int(scheduler.max_req_input_len),
             "generated": COUNTERS.generated, "prompt_tokens": COUNTERS.prompt_tokens,
             "cached_tokens": COUNTERS.cached_tokens, "evicted": COUNTERS.evicted,

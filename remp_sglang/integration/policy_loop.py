@@ -127,7 +127,8 @@ class PolicyLoop:
         def reqs(name: str) -> tuple[Req, ...]:
             return tuple(Req(p, o) for part in parts for p, o in part[name])
 
-        total = {k: sum(p[k] for p in parts) for k in (
+        total = {"longest_running": max(p["longest_running"] for p in parts)}
+        total |= {k: sum(p[k] for p in parts) for k in (
             "running", "kv_used", "kv_capacity", "generated", "prompt_tokens",
             "cached_tokens", "evicted", "refused")}
         self._refuse_held_too_long(tm, parts)

@@ -187,6 +187,8 @@ class Cluster:
             held_wait_s=max((t - j.held_since for j in held if j.held_since is not None),
                             default=0.0),
             running=sum(len(r.running) for r in self.replicas),
+            longest_running=max((j.prompt for r in self.replicas for j in r.running),
+                                default=0),
             kv_used=sum(j.context for r in self.replicas for j in r.running),
             kv_capacity=sum(r.spec.capacity for r in self.replicas),
             generated=c.generated, prompt_tokens=c.prompt_tokens,

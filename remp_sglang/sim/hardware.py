@@ -14,9 +14,10 @@ Sources (`../shared/design/figures.md` unless said otherwise):
 - Memory: what nvidia-smi reports (81559 MiB for the 80 GB H100, 143771 MiB for the
   141 GB H200).
 
-`CPU_TINY` is a PLACEHOLDER for this machine's CPU ranks (gloo, float32 tiny model); it
-is to be replaced by numbers fitted to measured step times (`bench/simulate.py`'s
-`step_model_errors` hook).
+`CPU_TINY` is this machine's CPU ranks (gloo, float32 tiny model): figures fitted to
+step times measured on a live server at DP 2, TP 2 and PP 2 (`bench/step_model.py`;
+median error 5-12% per layout, largest 41%). They are effective figures, not the
+hardware's: the memory bandwidth also absorbs per-step costs the model has no term for.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ H200 = Hardware(
     memory_bytes=143771 * MIB,
 )
 
-CPU_TINY = Hardware(  # PLACEHOLDER: to be fitted to measured CPU step times
-    name="CPU-tiny (placeholder)",
-    flops=5e10,
-    mem_bw=1e10,
-    link_bw=1e9,
-    link_latency_s=1e-4,
-    step_overhead_s=5e-3,
+CPU_TINY = Hardware(  # fitted by bench/step_model.py (bench/results/step_model-cpu.txt)
+    name="CPU-tiny (fitted)",
+    flops=2.105e+10,
+    mem_bw=3.679e+08,  # effective: it absorbs the per-step weight-read overhead
+    link_bw=1e+09,
+    link_latency_s=0.003228,
+    step_overhead_s=0.005,
     memory_bytes=1 << 30,
 )
 
