@@ -8,10 +8,11 @@ fit in 0.9 x 80 GB) held fixed, and rows for `auto`: the server's own policy
 (`remp_sglang.policy.Policy`) switching live from TP 8, with a switch's fixed cost
 assumed at 2 s, and again at ReMP's reported 6.5 s. Then auto's switches with their
 predicted pauses beside ReMP's 6-7 s for 70B, and the model checks: (a) the pause model
-fitted on this CPU's measured reshapes (bench/results/under_load-cpu.json), (b) a hook
-for the per-step model (`--steps PATH`: measured decode periods, see
-`remp_sglang.sim.validate.step_model_errors`). All numbers are simulated: see the list
-of what the simulator does not model at the end of the output.
+fitted on this CPU's measured reshapes (bench/results/under_load-cpu.json), (b) the
+step model (the same `perf.StepModel`, CPU figures) against the decode periods a live
+CPU server measured at each layout (`--steps`, default bench/results/step_model-cpu.json
+from `bench/step_model.py`). All numbers are simulated: see the list of what the
+simulator does not model at the end of the output.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from remp_sglang.weights import DenseDecoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNDER_LOAD = REPO_ROOT / "bench" / "results" / "under_load-cpu.json"
+STEPS = REPO_ROOT / "bench" / "results" / "step_model-cpu.json"
 WORLD, HW, MODEL, START = 8, hardware.H100_SXM, LLAMA3_70B, (1, 8, 1)
 REMP_S = sum(hardware.REMP_70B_SWITCH_S) / 2
 
@@ -172,28 +174,30 @@ def print_switch_check(check: dict) -> None:
           "the fixed cost and the method, not a GPU's bandwidth)")
 
 
-def step_check(path: Path | None) -> dict | None:
-    """HOOK (b): measured decode periods -> per-layout error of the step model. The file:
-    {"hardware": {Hardware fields} (default CPU_TINY), "model": {ModelShape and
-    DenseDecoder fields}, "rows": [{"layout": [dp, tp, pp], "batch", "context", "step_s"}]}."""
-    print("\n## model check (b): per-step model (HOOK: remp_sglang.sim.validate."
-          "step_model_errors)")
-    if path is None or not path.exists():
-        print("  no measured step times given (--steps PATH); hardware.CPU_TINY is a "
-              "placeholder until they are")
+def step_check(path: Path) -> dict | None:
+    """(b) The step model's decode periods against those measured on this machine's live
+    server at each layout (`bench/step_model.py` writes the file: its rows, the model
+    and the figures it fitted, which are `hardware.CPU_TINY`)."""
+    print("\n## model check (b): the step model against measured CPU decode periods "
+          f"({path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path})")
+    if not path.exists():
+        print("  no measured step times (run bench/step_model.py --json PATH)")
         return None
     data = json.loads(path.read_text())
-    hw = Hardware(**data["hardware"]) if "hardware" in data else hardware.CPU_TINY
+    hw = Hardware(**data["hardware"])
     m = data["model"]
     shape = ModelShape(*(m[k] for k in ("num_layers", "num_heads", "num_kv_heads",
                                         "head_dim", "dtype_bytes")))
-    model = DenseDecoder(shape, m["hidden_size"], m["intermediate_size"], m["vocab_size"])
-    rows = [validate.MeasuredStep(tuple(r["layout"]), r["batch"], r["context"], r["step_s"])
-            for r in data["rows"]]
+    model = DenseDecoder(shape, m["hidden_size"], m["intermediate_size"], m["vocab_size"],
+                         lm_head_on_every_stage=m.get("lm_head_on_every_stage", False))
+    rows = [validate.MeasuredStep((r["dp"], r["tp"], r["pp"]), r["batch"], r["context"],
+                                  r["measured_s"])
+            for r in data["rows"] if r["kind"] == "decode"]
     errors = validate.step_model_errors(rows, hw, model)
     for layout, e in errors.items():
         print(f"  {fmt(layout):>14}: n {e['n']}, median {e['median']:.1%}, max {e['max']:.1%}, "
               f"predicted/measured {e['ratio']:.2f}")
+    print("  (prefill latencies in the same file: bench/results/step_model-cpu.txt)")
     return {"hardware": asdict(hw), "errors": {",".join(map(str, k)): v
                                                for k, v in errors.items()}}
 
@@ -202,7 +206,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="150 s windows, two traces")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--steps", type=Path, default=None, help="measured step times")
+    parser.add_argument("--steps", type=Path, default=STEPS,
+                        help="measured step times (bench/step_model.py --json)")
     args = parser.parse_args()
     began = time.process_time()
     scenarios = SCENARIOS[::2] if args.quick else SCENARIOS

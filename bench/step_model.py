@@ -72,7 +72,7 @@ def prefill_latency(url: str, model: str, tokens: int, seed: int) -> float:
 def predict(sm: StepModel, row: dict, front_s: float) -> float:
     topo = Topology(row["tp"], row["pp"], 2, row["dp"])
     if row["kind"] == "decode":
-        return sm.decode_period(topo, row["batch"], row["batch"] * (PROMPT + OUTPUT / 2))
+        return sm.decode_period(topo, row["batch"], row["context"])
     return front_s + sm.prefill_latency(topo, row["tokens"])  # plus the front end
 
 
@@ -125,7 +125,8 @@ def main() -> int:
                 per_replica = max(1, n // dp)
                 measured = decode_period(url, model, n, 10 * n)
                 rows.append({"kind": "decode", "dp": dp, "tp": tp, "pp": pp,
-                             "batch": per_replica, "measured_s": measured})
+                             "batch": per_replica, "measured_s": measured,
+                             "context": per_replica * (PROMPT + OUTPUT / 2)})
             for tokens in prompts:
                 server.flush_cache()
                 rows.append({"kind": "prefill", "dp": dp, "tp": tp, "pp": pp,
@@ -156,8 +157,12 @@ def main() -> int:
           f"{1e3 * front_s:.2f} ms per first token")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        decoder = tiny_decoder()
         args.json.write_text(json.dumps({"rows": rows, "hardware": asdict(hw),
-                                         "front_s": front_s}, indent=1))
+                                         "front_s": front_s,
+                                         "model": {**asdict(decoder.shape), **{
+                                             k: v for k, v in asdict(decoder).items()
+                                             if k != "shape"}}}, indent=1))
     return 0
 
 

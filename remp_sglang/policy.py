@@ -364,6 +364,9 @@ class Policy:
     last_switch_t: float = float("-inf")
     streak: tuple[Layout, int] = ((0, 0, 0), 0)
     measured: dict[tuple[Layout, Layout], float] = field(default_factory=dict)
+    # the server's own prediction (the planner's bytes for the live KV over the measured
+    # bandwidth, plus the measured fixed cost: `/remp/plan`), refreshed by the caller
+    planned: dict[tuple[Layout, Layout], float] = field(default_factory=dict)
 
     def observe(self, sample: LoadSample) -> None:
         self.samples.append(sample)
@@ -376,8 +379,11 @@ class Policy:
                 s.observed_after = round(measured_goodput(self.samples), 2)
 
     def downtime(self, old: Layout, new: Layout) -> float:
-        """The pause of a switch: the last one measured between these layouts, else the
-        mean of all measured, else the configured guess."""
+        """The pause of a switch: the server's prediction for it, else the last one
+        measured between these layouts, else the mean of all measured, else the
+        configured guess."""
+        if (old, new) in self.planned:
+            return self.planned[(old, new)]
         if (old, new) in self.measured:
             return self.measured[(old, new)]
         if self.measured:
@@ -422,5 +428,7 @@ class Policy:
                                 c.capacity, "max_input": c.max_input}
                                for c in self.candidates],
                 "hardware": asdict(self.model.hw),
+                "predicted_downtime_s": {key(new): round(v, 4) for (old, new), v in
+                                         self.planned.items() if old == self.current},
                 "decisions": [d.to_json() for d in self.decisions],
                 "switches": [s.to_json() for s in self.switches]}

@@ -188,6 +188,14 @@ def tp_kv_head_range(num_kv_heads: int, tp_rank: int, tp: int) -> range:
     return range(tp_rank * per, (tp_rank + 1) * per)
 
 
+def replica_sources(old: Topology, new: Topology) -> list[list[int]]:
+    """Per replica of `new`, the replicas of `old` that feed it: a merge groups
+    consecutive replicas, a split feeds several new replicas from one old one."""
+    if new.dp <= old.dp:
+        return [[a for a in range(old.dp) if a * new.dp // old.dp == b] for b in range(new.dp)]
+    return [[b * old.dp // new.dp] for b in range(new.dp)]
+
+
 def layouts(world_size: int, shape: ModelShape, replicas: bool = False) -> list[Topology]:
     """Every (tp, pp) layout of at most `world_size` ranks that can run `shape`, by tp
     then pp (the candidates of a reshape, a plan or a policy); with `replicas`, also

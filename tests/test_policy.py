@@ -233,3 +233,15 @@ def test_no_split_while_running_requests_pin_more_kv_than_a_replica_holds():
         decision = server.policy.decide()
         assert not decision.switch
     assert "pinned KV" in decision.reason
+
+
+def test_the_pause_comes_from_the_servers_prediction_first():
+    policy = Policy(CANDIDATES, MODEL, FAST, current=DP2)
+    assert policy.downtime(DP2, PP2) == FAST.default_downtime_s
+    policy.measured[(TP2, DP2)] = 0.4
+    assert policy.downtime(DP2, PP2) == 0.4  # the mean of what was measured
+    policy.measured[(DP2, PP2)] = 0.3
+    assert policy.downtime(DP2, PP2) == 0.3
+    policy.planned[(DP2, PP2)] = 0.2
+    assert policy.downtime(DP2, PP2) == 0.2
+    assert policy.to_json()["predicted_downtime_s"] == {"1,1,2": 0.2}

@@ -16,7 +16,7 @@ from remp_sglang.sim.models import LLAMA3_8B, LLAMA3_70B, QWEN25_32B
 from remp_sglang.sim.replica import Job, Replica
 from remp_sglang.sim.switch import SwitchCost
 from remp_sglang.sim.traces import TraceRequest
-from remp_sglang.topology import Topology
+from remp_sglang.topology import Topology, replica_sources
 
 H100 = hardware.H100_SXM
 
@@ -99,7 +99,7 @@ def test_candidates_follow_the_memory_rule() -> None:
 def test_switch_bytes_are_the_planners_capped_by_the_new_pool() -> None:
     d = LLAMA3_70B.decoder
     old, new = Topology(2, 1, 8, 4), Topology(4, 1, 8, 2)
-    assert switch.sources(old, new) == [[0, 1], [2, 3]]
+    assert replica_sources(old, new) == [[0, 1], [2, 3]]
     assert switch.flows(old, new) == [(0, 0), (1, 0), (2, 1), (3, 1)]
     full = switch.predict(old, new, d, [1000, 2000, 3000, 4000])
     capped = switch.predict(old, new, d, [1000, 2000, 3000, 4000], capacity=3000)

@@ -25,6 +25,8 @@ logger = logging.getLogger("sglang.srt.remp")
 
 #: Samples kept for `GET /remp/policy?series=1` (the benchmark's plots).
 SERIES = 3600
+#: How often the switches' predicted pauses are refreshed from the schedulers' dry runs.
+PLAN_EVERY_S = 10.0
 
 
 class PolicyLoop:
@@ -41,6 +43,7 @@ class PolicyLoop:
         self.t0 = time.monotonic()
         self._last_reason = ""
         self._refused: set[str] = set()  # held requests already refused
+        self._planned_at = float("-inf")
 
     def start(self) -> None:
         if self.task is None:
@@ -62,6 +65,7 @@ class PolicyLoop:
                 if sample is None:
                     continue
                 self.policy.observe(sample)
+                await self._plan(tm, sample.t)
                 decision = self.policy.decide()
                 self._log(decision)
                 if decision.switch:
@@ -71,6 +75,31 @@ class PolicyLoop:
             except Exception as error:  # the policy never takes the server down
                 self.error = f"{type(error).__name__}: {error}"
                 logger.exception("remp policy: evaluation failed")
+
+    async def _plan(self, tm: Any, t: float) -> None:
+        """The server's predicted pause of a switch to each candidate (the planner's
+        bytes over the measured bandwidth plus the measured fixed cost), from rank zero's
+        dry run; none before the first reshape has been measured."""
+        if t - self._planned_at < PLAN_EVERY_S:
+            return
+        from remp_sglang.integration import routes
+        from remp_sglang.integration.messages import RempPlanReqInput, RempPlanReqOutput
+
+        self._planned_at = t
+        current = self.policy.current
+        self.policy.planned.clear()
+        for c in self.policy.candidates:
+            if c.layout == current:
+                continue
+            replies = await asyncio.wait_for(
+                routes._communicator(tm, RempPlanReqOutput)(
+                    RempPlanReqInput(dp=c.topo.dp, tp=c.topo.tp, pp=c.topo.pp)),
+                timeout=routes.TOPOLOGY_TIMEOUT_S)
+            if replies[0].error:
+                continue
+            predicted = json.loads(replies[0].report_json).get("predicted_downtime_s")
+            if predicted is not None:
+                self.policy.planned[(current, c.layout)] = float(predicted)
 
     async def _build(self, tm: Any) -> Policy:
         """Candidates with their capacities (the schedulers' dry runs), the step model."""
@@ -171,6 +200,7 @@ class PolicyLoop:
             logger.warning("remp policy: reshape to %s failed: %s", decision.target, error)
         self.policy.switched(decision, payload.get("downtime_s") if error is None else None,
                              error)
+        self._planned_at = float("-inf")  # the new layout's switches, at the next turn
         if self.series:
             self.series[-1]["reshape"] = {"to": list(decision.target), "error": error,
                                           "downtime_s": payload.get("downtime_s")}

@@ -25,22 +25,15 @@ import numpy as np
 import torch
 
 from remp_sglang.engine import CapacityError, SlotFlow, remap_slots
-from remp_sglang.topology import Topology
+from remp_sglang.topology import Topology, replica_sources
 
 from .cache_state import CacheState, export_state, standalone_tree
-
-
-def sources(old: Topology, new: Topology) -> list[list[int]]:
-    """Per new replica, the old replicas that feed it."""
-    if new.dp <= old.dp:
-        return [[a for a in range(old.dp) if a * new.dp // old.dp == b] for b in range(new.dp)]
-    return [[b * old.dp // new.dp] for b in range(new.dp)]
 
 
 def room_share(old: Topology, new: Topology, capacity: int) -> int:
     """KV slots an old replica may bring so that every new replica fits `capacity`: a
     merge divides it among the replicas merged."""
-    group = max((len(s) for s in sources(old, new)), default=1)
+    group = max((len(s) for s in replica_sources(old, new)), default=1)
     return capacity // group
 
 
@@ -52,7 +45,7 @@ def place(states: list[CacheState], old: Topology, new: Topology,
         raise ValueError(f"expected {old.dp} replica states, got {len(states)}")
     out: list[CacheState] = []
     flows: list[SlotFlow] = []
-    feeds = sources(old, new)
+    feeds = replica_sources(old, new)
     split = new.dp > old.dp
     dealt = _deal(states, feeds) if split else None
     for b, srcs in enumerate(feeds):

@@ -36,7 +36,7 @@ from remp_sglang.comm import Communicator, MigrationError, transport_for
 from remp_sglang.engine import CapacityError, KVPool, migrate_kv_flows, reshard_weights
 from remp_sglang.memory import kv_capacity, replica_token_cap
 from remp_sglang.predict import DowntimeModel, predict_transfer
-from remp_sglang.topology import ModelShape, Topology
+from remp_sglang.topology import ModelShape, Topology, replica_sources
 from remp_sglang.weights import DenseDecoder
 
 from .cache_state import (
@@ -49,7 +49,7 @@ from .cache_state import (
 )
 from .faults import fault_point
 from .model_state import local_params, weights_from_memory
-from .replicas import place, room_share, sources
+from .replicas import place, room_share
 from .step_boundary import (
     CarryRefused,
     check_joinable,
@@ -436,7 +436,7 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
         refused = str(error)
     kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
     # With replicas, this rank sees its own replica: every flow is predicted at its size.
-    pairs = [(a, b) for b, srcs in enumerate(sources(old, new)) for a in srcs]
+    pairs = [(a, b) for b, srcs in enumerate(replica_sources(old, new)) for a in srcs]
     transfer = predict_transfer(old, new, rt.decoder, kv_shape,
                                 [max(0, live - evict)] * len(pairs), pairs)
     return {"old": old.layout(), "new": new.layout(),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from remp_sglang.perf import Hardware, StepModel
 from remp_sglang.policy import Candidate, Decision, LoadSample, Policy, PolicyConfig, Req
+from remp_sglang.topology import replica_sources
 
 from . import layouts, switch
 from .metrics import Layout, RunResult, SwitchRecord
@@ -224,7 +225,7 @@ class Cluster:
         """The new replicas' queues, running requests and caches (see the module doc)."""
         old = self.replicas
         new = self._build(spec)
-        feeds = switch.sources(old[0].spec.topo, spec.topo)
+        feeds = replica_sources(old[0].spec.topo, spec.topo)
         if len(new) > len(old):  # split: deal each source's requests, copy its cache
             for a, src in enumerate(old):
                 targets = [new[b] for b, f in enumerate(feeds) if f == [a]]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from remp_sglang.predict import TransferPrediction, predict_transfer
-from remp_sglang.topology import Topology
+from remp_sglang.topology import Topology, replica_sources
 from remp_sglang.weights import DenseDecoder
 
 
@@ -28,18 +28,9 @@ class SwitchCost:
         return self.fixed_s + max_rank_bytes / self.bandwidth
 
 
-def sources(old: Topology, new: Topology) -> list[list[int]]:
-    """Per new replica, the old replicas that feed it: a merge groups consecutive
-    replicas, a split copies each old replica to several new ones. The same rule as
-    `integration.replicas.sources` (restated here because that module imports torch)."""
-    if new.dp <= old.dp:
-        return [[a for a in range(old.dp) if a * new.dp // old.dp == b] for b in range(new.dp)]
-    return [[b * old.dp // new.dp] for b in range(new.dp)]
-
-
 def flows(old: Topology, new: Topology) -> list[tuple[int, int]]:
     """(old replica, new replica) pairs whose KV moves, as the server's dry run names them."""
-    return [(a, b) for b, srcs in enumerate(sources(old, new)) for a in srcs]
+    return [(a, b) for b, srcs in enumerate(replica_sources(old, new)) for a in srcs]
 
 
 def predict(old: Topology, new: Topology, model: DenseDecoder, live_tokens: Sequence[int],
@@ -49,7 +40,7 @@ def predict(old: Topology, new: Topology, model: DenseDecoder, live_tokens: Sequ
     feeds, so its tokens move once per flow; with `capacity` (slots of a new replica), a
     flow carries at most its share of the new pool (`capacity` over the replicas merged
     into it, `integration.replicas.room_share`): the rest is dropped, not moved."""
-    feeds = sources(old, new)
+    feeds = replica_sources(old, new)
     pairs = flows(old, new)
     tokens = []
     for a, b in pairs:
