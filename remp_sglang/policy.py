@@ -23,8 +23,9 @@ same code. The rule:
   (`downtime x goodput now`, plus re-prefilling KV the target cannot keep) and beats the
   current layout by `min_gain`, in `confirm` decisions in a row, and at least
   `min_dwell_s` after the end of the last switch (hysteresis: it never flaps faster
-  than that). A request held because the current layout cannot hold it, waiting longer
-  than `max_hold_s`, forces the best layout that serves it.
+  than that). A request held because the current layout cannot hold it forces the best
+  layout that serves it once it has waited `max_hold_s`, or at once when no other
+  request is waiting.
 """
 
 from __future__ import annotations
@@ -272,7 +273,10 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
     now = predicted.get(current, 0.0)
     held = samples[-1].held if samples else ()
     cur = by_layout.get(current)
-    if held and cur is not None and samples[-1].held_wait_s >= config.max_hold_s and \
+    # A held request waits up to max_hold_s while others queue (the replicas keep
+    # serving them); with nobody else waiting there is nothing to wait for.
+    waited = samples[-1].held_wait_s >= config.max_hold_s or not samples[-1].waiting
+    if held and cur is not None and waited and \
             since_switch_s >= config.max_hold_s:  # (a failed attempt is retried as late)
         longest = max(r.prompt for r in held)
         serving = [c for c in candidates if c.max_input > longest]
@@ -281,7 +285,9 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
             d = downtime(current, best.layout)
             return Decision(t, current, best.layout, True,
                             f"{len(held)} held request(s) (longest prompt {longest}) waited "
-                            f"{samples[-1].held_wait_s:.1f}s; {key(best.layout)} holds them",
+                            f"{samples[-1].held_wait_s:.1f}s"
+                            f"{'' if samples[-1].waiting else ', nothing else queued'}; "
+                            f"{key(best.layout)} holds them",
                             downtime_s=d, **info)
     longest = demand.longest_now
     # a replica of the target must hold the longest request and the KV the running

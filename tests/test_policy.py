@@ -245,3 +245,13 @@ def test_the_pause_comes_from_the_servers_prediction_first():
     policy.planned[(DP2, PP2)] = 0.2
     assert policy.downtime(DP2, PP2) == 0.2
     assert policy.to_json()["predicted_downtime_s"] == {"1,1,2": 0.2}
+
+
+def test_a_held_request_waits_only_while_others_queue():
+    busy = Server(DP2)
+    decision = busy.tick(arrived=long(1) + short(30), waiting=short(40), held=long(1),
+                         held_wait_s=0.2, generated=300)
+    assert not decision.switch  # the replicas keep serving the queue for max_hold_s
+    idle = Server(DP2)
+    decision = idle.tick(arrived=long(1), held=long(1), held_wait_s=0.2)
+    assert decision.switch and "nothing else queued" in decision.reason
