@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from remp_sglang.sim.metrics import pct
 from remp_sglang.testing import launch_sglang_server
 from remp_sglang.testing.traffic import Job, Outcome, run_job
 from remp_sglang.tiny_model import make_tiny_model
@@ -46,13 +47,6 @@ def run(url: str, jobs: list[Job], concurrency: int, model: str) -> tuple[list[O
     with ThreadPoolExecutor(concurrency) as pool:
         outcomes = list(pool.map(lambda job: run_job(url, job, model), jobs))
     return outcomes, time.perf_counter() - start
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def summarize(outcomes: list[Outcome], wall: float) -> dict:

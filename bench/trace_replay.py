@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from remp_sglang.sim import traces as T
+from remp_sglang.sim.metrics import pct
 from remp_sglang.testing import launch_sglang_server
 from remp_sglang.testing.traffic import Job, Outcome, run_job
 from remp_sglang.tiny_model import make_tiny_model
@@ -90,13 +91,6 @@ def replay(url: str, model: str, reqs: list[T.TraceRequest],
     with ThreadPoolExecutor(256) as pool:
         outcomes = list(pool.map(send, range(len(jobs))))
     return outcomes, time.perf_counter() - start
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def summarize(outcomes: list[Outcome], wall: float) -> dict:

@@ -18,6 +18,8 @@ from typing import Any
 
 #: Queued requests reported per replica (the policy needs a sample of lengths, not all).
 MAX_REPORTED = 256
+#: Arrivals kept between two polls (the arrival rate counts them all up to this).
+MAX_ARRIVALS = 4096
 
 
 @dataclass
@@ -46,8 +48,9 @@ def around_validate_input_length(original: Any, req: Any, max_req_input_len: int
     """SGLang's prompt-length check, once per request on every rank: count the arrival;
     hold (accept for now) a prompt a wider candidate layout would admit."""
     n = len(req.origin_input_ids)
-    if len(COUNTERS.arrived) < 4 * MAX_REPORTED:
-        COUNTERS.arrived.append((n, int(req.sampling_params.max_new_tokens or 0)))
+    if len(COUNTERS.arrived) < MAX_ARRIVALS:  # the length asked for, before SGLang clips it
+        asked = getattr(req, "_remp_max_new", None)  # None: no limit given, SGLang's
+        COUNTERS.arrived.append((n, int(asked or req.sampling_params.max_new_tokens or 0)))
     error = original(req, max_req_input_len, allow_auto_truncate)
     if error is not None and n < COUNTERS.hold_up_to:
         # SGLang clipped max_new_tokens to this layout's length limit; the wider layout
@@ -142,7 +145,7 @@ def snapshot(scheduler: Any, layout: tuple[int, int, int]) -> dict:
         (held if COUNTERS.hold_up_to and is_held(scheduler, req) else waiting).append(item)
     waits = {r.rid: round(now - COUNTERS.held_since[r.rid], 3)
              for r in scheduler.waiting_queue if r.rid in COUNTERS.held_since}
-    data = {"layout": list(layout), "arrived": COUNTERS.arrived[:MAX_REPORTED],
+    data = {"layout": list(layout), "arrived": COUNTERS.arrived,
             "waiting": waiting[:MAX_REPORTED], "held": held[:MAX_REPORTED],
             "held_wait_s": max(waits.values(), default=0.0),
             "held_rids": sorted(waits.items(), key=lambda x: -x[1])[:MAX_REPORTED],

@@ -118,6 +118,10 @@ class HealthGate:
 
 
 def _start_policy() -> None:
+    """Start the automatic policy's loop (once; a no-op under the manual policy)."""
+    if _main_view.get("policy_started"):
+        return
+    _main_view["policy_started"] = True
     loop = policy_loop.loop_for(config_from_env() or RempConfig())
     if loop is not None:
         loop.start()
