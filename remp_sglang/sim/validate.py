@@ -7,8 +7,9 @@
     batch, not an exponential average). A least-squares fit of downtime on bytes would
     not do: the CPU reshapes move 0.5-1 MB each, their pauses vary with teardown and
     rebuild, not bytes, and the slope comes out as noise.
-(b) HOOK for the per-step model: `step_model_errors` compares `StepModel.decode_period`
-    with measured decode periods (layout, batch, context, step_s) on given hardware.
+(b) The per-step model: `step_model_errors` compares `StepModel.decode_period` with
+    decode periods measured on a live server (`bench/step_model.py` writes them; its
+    rows are (layout, batch, context, step_s)).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def switch_cost_check(rows: Sequence[MeasuredReshape]) -> dict:
     return out
 
 
-# -- (b) HOOK: the per-step model ---------------------------------------------------------
+# -- (b) the per-step model --------------------------------------------------------------
 @dataclass(frozen=True)
 class MeasuredStep:
     """A measured decode period: every running request of one replica gained one token."""
@@ -110,7 +111,7 @@ class MeasuredStep:
 
 def step_model_errors(rows: Sequence[MeasuredStep], hw: Hardware,
                       model: DenseDecoder) -> dict[Layout, dict[str, float]]:
-    """HOOK for the per-step model check: per layout, how far `StepModel(model, hw)`'s
+    """The per-step model check: per layout, how far `StepModel(model, hw)`'s
     decode period is from the measured one (n, median and max relative error, and the
     median ratio predicted / measured, which says which way it is off)."""
     step = StepModel(model, hw)
