@@ -36,7 +36,6 @@ class RempConfig:
     initial_tp: int | None = None
     initial_pp: int | None = None
     plane_path: str = ""  # the control/migration plane's store (a private directory)
-    initial_dist_port: int = 0  # world rendezvous for the start-up reshape, if any
     reshape_timeout_s: float = RESHAPE_TIMEOUT_S
     stall_timeout_s: float = STALL_TIMEOUT_S
     cache_aware: bool = False  # replicas: dispatch by cached prefix (--remp-cache-aware)

@@ -94,24 +94,28 @@ def torch_dtype_of(hf_config: Any) -> Any:
 def policy_candidates(config: RempConfig, hf_config: Any, cpu: bool) -> list[Topology]:
     """The layouts the automatic policy chooses from: those its settings name, else every
     layout that uses all the launched ranks; each one SGLang would build."""
-    from remp_sglang.integration.model_state import decoder_of
     from remp_sglang.policy import PolicyConfig
 
     wanted = PolicyConfig.from_dict(config.policy_settings).candidates
-    world = config.launch_world_size
-    if wanted:
-        asked = [{"dp": dp, "tp": tp, "pp": pp} for dp, tp, pp in wanted]
-    else:
-        shape = decoder_of(hf_config, torch_dtype_of(hf_config)).shape
-        asked = [t.layout() for t in layouts(world, shape, replicas=config.launch_dp > 1)
-                 if t.num_active == world]
+    if not wanted:
+        return [t for t in allowed_layouts(config, hf_config, cpu)
+                if t.num_active == config.launch_world_size]
+    return [validate_layout({"dp": dp, "tp": tp, "pp": pp}, config, hf_config, cpu=cpu)
+            for dp, tp, pp in wanted]
+
+
+def allowed_layouts(config: RempConfig, hf_config: Any, cpu: bool) -> list[Topology]:
+    """Every layout a reshape of this launch may ask for (`validate_layout` accepts it):
+    the worlds prepared at launch are theirs."""
+    from remp_sglang.integration.model_state import decoder_of
+
+    shape = decoder_of(hf_config, torch_dtype_of(hf_config)).shape
     out = []
-    for body in asked:
+    for topo in layouts(config.launch_world_size, shape, replicas=config.launch_dp > 1):
         try:
-            out.append(validate_layout(body, config, hf_config, cpu=cpu))
+            out.append(validate_layout(topo.layout(), config, hf_config, cpu=cpu))
         except ValueError:
-            if wanted:
-                raise
+            continue
     return out
 
 

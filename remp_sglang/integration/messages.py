@@ -56,15 +56,12 @@ def register_message_types() -> None:
 
 
 class RempReshapeReqInput(BaseReq, kw_only=True):
-    """Switch the live layout to (dp, tp, pp); replica r of the new layout rendezvouses on
-    dist_ports[r] (of the old one, on rollback_ports[r] if it must be rebuilt); every rank
-    gives up by deadline."""
+    """Switch the live layout to (dp, tp, pp) (its worlds were prepared at launch); every
+    rank gives up by deadline."""
 
     tp: int = 0
     pp: int = 0
     dp: int = 1
-    dist_ports: list[int] = msgspec.field(default_factory=list)
-    rollback_ports: list[int] = msgspec.field(default_factory=list)
     heads: list[int] = msgspec.field(default_factory=list)  # launch replicas to reach
     deadline: float = 0.0  # wall clock
     nonce: str = ""  # the reply carries it back: only its own caller takes it

@@ -104,6 +104,41 @@ def adopt(param: torch.nn.Parameter, shard: torch.Tensor) -> None:
     vars(param).update(attrs)
 
 
+def around_measure_pre_model_load_memory(original, *, device, is_draft_worker):
+    """AROUND hook on SGLang's `bootstrap.measure_pre_model_load_memory`. At launch it
+    takes the minimum free memory over the world (a collective over its CPU group), to
+    size the KV pool. A rebuilt model gets the pool the reshape sized, so that collective
+    is not needed; and as the one collective of a model build, it is where a rank would
+    wait for a peer that failed before building: in a kept world, with SGLang's 2-hour
+    group timeout. The local reading is returned instead."""
+    if _pending_shards is None:
+        return original(device=device, is_draft_worker=is_draft_worker)
+    from sglang.srt.runtime_context import get_device
+    from sglang.srt.utils.common import get_available_gpu_memory
+
+    return get_available_gpu_memory(device, get_device().gpu_id)
+
+
+def around_dist_barrier_after_load(original, **kwargs):
+    """AROUND hook on SGLang's barrier after a model load (its model runner's name for
+    it): a rebuilt model skips it. Every rank's build is confirmed by the reshape's own
+    agreement instead, which a failed peer answers at once; in a kept world the barrier
+    would wait for that peer until SGLang's model-loading timeout."""
+    if _pending_shards is None:
+        return original(**kwargs)
+    return None
+
+
+def around_broadcast_pyobj(original, data, rank, dist_group=None, src=0, **kwargs):
+    """AROUND hook on `broadcast_pyobj` as SGLang's model worker calls it (to share the
+    random seed of the replica's first rank): a rebuilt worker keeps its own, which is
+    the same on every rank (one launch's server arguments), so its build runs no
+    collective a failed peer could leave waiting."""
+    if _pending_shards is None:
+        return original(data, rank, dist_group, src=src, **kwargs)
+    return data
+
+
 def around_load_weights_only(original, model, weights, target_device):
     """AROUND hook on DefaultModelLoader.load_weights_only (a staticmethod)."""
     if _pending_shards is None:

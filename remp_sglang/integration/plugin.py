@@ -41,7 +41,6 @@ from remp_sglang.integration.config import (
     check_launch_options,
     check_sglang_version,
     config_from_env,
-    free_port,
     policy_settings,
     private_plane_path,
 )
@@ -124,7 +123,7 @@ def activate(
     config = RempConfig(launch_tp=launch_tp, launch_pp=launch_pp, launch_dp=dp_size,
                         initial_tp=initial_tp,
                         initial_pp=initial_pp, plane_path=private_plane_path(),
-                        initial_dist_port=free_port(), reshape_timeout_s=reshape_timeout_s,
+                        reshape_timeout_s=reshape_timeout_s,
                         stall_timeout_s=stall_timeout_s, cache_aware=cache_aware,
                         policy=policy, policy_settings=dict(policy_settings or {}))
     config.validate()
@@ -189,7 +188,12 @@ def _enable_subprocess(config: RempConfig) -> None:
 
         from remp_sglang.integration import load_stats
         from remp_sglang.integration import scheduler_hooks as hooks
-        from remp_sglang.integration.model_state import around_load_weights_only
+        from remp_sglang.integration.model_state import (
+            around_broadcast_pyobj,
+            around_dist_barrier_after_load,
+            around_load_weights_only,
+            around_measure_pre_model_load_memory,
+        )
         from remp_sglang.integration.step_boundary import after_create_generation_req
 
         for target, fn, kind in (
@@ -222,4 +226,16 @@ def _enable_subprocess(config: RempConfig) -> None:
             around_load_weights_only,
             HookType.AROUND,
         )
+        HookRegistry.register(
+            "sglang.srt.distributed.bootstrap.measure_pre_model_load_memory",
+            around_measure_pre_model_load_memory,
+            HookType.AROUND,
+        )
+        HookRegistry.register(
+            "sglang.srt.model_executor.model_runner.dist_barrier_after_load",
+            around_dist_barrier_after_load,
+            HookType.AROUND,
+        )
+        HookRegistry.register("sglang.srt.managers.tp_worker.broadcast_pyobj",
+                              around_broadcast_pyobj, HookType.AROUND)
     _enabled_subprocess = True

@@ -11,8 +11,9 @@ ranks, see `step_boundary`; the park loop on parked ones):
    layers); the engine fills the live slots from their old owners.
    Steps 1-3 run before the old world is torn down; a failure there is agreed on by
    every rank and the old layout serves on, with the requests resuming from its queue.
-4. old-active ranks tear their SGLang world down; new-active ranks re-stamp their ranks,
-   build a fresh world on a new port and a model worker fed from the re-sharded weights.
+4. old-active ranks drop their model worker and park their SGLang world; new-active
+   ranks resume theirs (every world was built at launch, `worlds`) and build a model
+   worker fed from the re-sharded weights.
 5. new-active ranks attach the new pool, rebuild the tree and free lists from the export
    (joining ranks also the queued requests), refresh what the scheduler caches, rebind
    threads; leaving ranks drop their requests and park.
@@ -63,6 +64,7 @@ from .step_boundary import (
     rebuild_queue,
     room_needed,
 )
+from .worlds import Worlds, enter, world_key
 
 logger = logging.getLogger("sglang.srt.remp")
 
@@ -79,8 +81,6 @@ class ReshapeOrder:
     epoch: int
     tp: int
     pp: int
-    dist_ports: tuple[int, ...]  # each new replica's world rendezvous
-    rollback_ports: tuple[int, ...]  # each old replica's, if it must be rebuilt
     deadline: float  # wall clock: every rank gives up (and rolls back) by then
     dp: int = 1
 
@@ -92,11 +92,6 @@ class ReshapeOrder:
                 and self.dp * self.tp * self.pp <= world_size):
             raise ValueError(f"order dp={self.dp} tp={self.tp} pp={self.pp} does not fit "
                              f"{world_size} ranks")
-        if len(self.dist_ports) < self.dp or not self.rollback_ports:
-            raise ValueError("order: a rendezvous port for every replica is needed")
-        for port in self.dist_ports + self.rollback_ports:
-            if not 0 < port < 65536:
-                raise ValueError(f"order port {port} out of range")
 
 
 @dataclass
@@ -135,6 +130,7 @@ class RempRuntime:
     runners: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # leak checks
     staging: torch.Tensor | None = None
     launch_channels: Any = None  # this process's IPC channels as launched
+    worlds: Worlds = field(default_factory=Worlds)  # SGLang's worlds, built at launch
 
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo` under each rank's launch budget (`remp_sglang.memory`):
@@ -254,8 +250,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     carried, evicted, chunked = 0, 0, False
     try:
         new.check_model(rt.decoder.shape)
-        if len(order.dist_ports) < new.dp or len(order.rollback_ports) < old.dp:
-            raise ValueError("the order lacks a rendezvous port for some replica")
+        if now_active and world_key(new, rank) not in rt.worlds.worlds:
+            raise ValueError(f"no world was prepared at launch for {new.layout()}")
         new_size = rt.capacity_for(new)
         if was_active:  # every rank of a replica alike: their replicated state stays equal
             reqs = kv_requests(sched)
@@ -318,35 +314,32 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     own = states[old.replica(rank)] if was_active else None  # what a rollback rebuilds
     mine = new_states[new.replica(rank)] if now_active else None
 
-    # 4-5: the old world goes away and the new one is built. A failure anywhere here is
-    # agreed on, and every rank rebuilds the old world from what it kept: its weights,
-    # its pool (only read so far) and its replica's export (`_rollback`). Every rank
-    # confirms it is ready before any enters the new world's rendezvous, which blocks
-    # (in c10d) for a peer that never comes.
+    # 4-5: the old world is parked and the new one resumed. A failure anywhere here is
+    # agreed on, and every rank serves the old world again from what it kept: its
+    # weights, its pool (only read so far) and its replica's export (`_rollback`).
     error = None
     try:
         step, t = "teardown", time.perf_counter()
         fault(step)
         if was_active:
-            times.update(_teardown(sched))
+            times.update(_teardown(sched, rt))
         times["teardown_s"] = time.perf_counter() - t
         if now_active:
             step = "world"
             fault(step)
     except Exception as exc:
         error = exc
-    _agree_or_roll_back(sched, rt, error, "new world rendezvous", step, old, new, order, own,
+    _agree_or_roll_back(sched, rt, error, "old world parked", step, old, new, order, own,
                         old_params, old_pool_obj)
     error = None
     try:
         if now_active:
             t = time.perf_counter()
-            port = order.dist_ports[new.replica(rank)]
-            _init_world(sched, rt, new, port, order.deadline)
+            enter(sched, rt.worlds, world_key(new, rank))
             times["world_s"] = time.perf_counter() - t
             step, t = "model", time.perf_counter()
             fault(step)
-            _build_worker(sched, weights.params, new_pool_obj, new_size, port)
+            _build_worker(sched, weights.params, new_pool_obj, new_size)
             times["model_s"] = time.perf_counter() - t
             step, t = "cache_import", time.perf_counter()
             fault(step)
@@ -466,21 +459,14 @@ def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: 
     and their replica's export; joining ranks drop the requests they adopted. Waits for every rank
     (a frozen one too) until the reshape timeout."""
     rank = rt.launch_rank
-    rt.ctrl.deadline = deadline = time.time() + rt.reshape_timeout_s
+    rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
     error: BaseException | None = None
     try:
         if new.is_active(rank) or old.is_active(rank):
-            _teardown(sched, quiet=True)
-    except Exception as exc:
-        logger.exception("remp: rollback failed on rank %d", rank)
-        error = exc
-    # As for the new world: nobody enters the old world's rendezvous alone.
-    rt.ctrl.agree(error, "rollback rendezvous", patient=True)
-    try:
+            _teardown(sched, rt, quiet=True)
         if old.is_active(rank):
-            port = order.rollback_ports[old.replica(rank)]
-            _init_world(sched, rt, old, port, deadline)
-            _build_worker(sched, old_params, old_pool_obj, rt.pool_size, port)
+            enter(sched, rt.worlds, world_key(old, rank))
+            _build_worker(sched, old_params, old_pool_obj, rt.pool_size)
             import_state(sched, state, rt.pool_size)
             _refresh_scheduler(sched, rt, old)
             rebuild_queue(sched, state.requests)  # its own replica's queue again
@@ -530,17 +516,15 @@ def _device_of(sched: Any) -> str:
     return "cpu" if sched.server_args.device == "cpu" else f"cuda:{get_device().gpu_id}"
 
 
-def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
-    """Drop the old worker and pool, then destroy the SGLang world (groups and default PG).
-    `quiet`: a rollback's clean-up of a half-built world (nothing in flight to commit)."""
-    from sglang.srt.distributed import parallel_state
-    from sglang.srt.runtime_context import get_parallel
-
+def _teardown(sched: Any, rt: RempRuntime, quiet: bool = False) -> dict[str, float]:
+    """Drop the old worker and pool, then park the SGLang world (kept for a later reshape
+    or a rollback: `worlds`). `quiet`: a rollback's clean-up (nothing in flight to
+    commit)."""
     if not quiet:
         commit_pp_sends(sched)
     sched.token_to_kv_pool_allocator._kvcache = None
     worker = getattr(sched, "tp_worker", None)
-    if worker is not None and not quiet:
+    if worker is not None:
         # Break the old worker's and runner's links: the start-up objects sit in GC's
         # permanent generation here (frozen), where the cycles through the old model
         # (runner <-> attention backends, graph runners) would never be collected.
@@ -564,25 +548,7 @@ def _teardown(sched: Any, quiet: bool = False) -> dict[str, float]:
     t0 = time.perf_counter()
     gc.collect()
     t1 = time.perf_counter()
-    if not quiet:
-        _close_device_communicators(parallel_state)
-    try:
-        parallel_state.destroy_model_parallel()
-        parallel_state.destroy_distributed_environment()
-    except Exception:
-        if not quiet:
-            raise
-        # A half-built world: drop this rank's groups locally, forget every coordinator.
-        logger.warning("remp: clean-up of a half-built world", exc_info=True)
-        parallel_state.abort_distributed_environment()
-        for name, value in list(vars(parallel_state).items()):
-            if isinstance(value, parallel_state.GroupCoordinator):
-                setattr(parallel_state, name, None)
-        from sglang.srt.distributed.bootstrap import reset_parallel_initialised
-
-        reset_parallel_initialised()
-        get_parallel().clear_stamp()
-    parallel_state._SELF_PP = None
+    rt.worlds.park()
     times = {"teardown_gc_s": t1 - t0, "teardown_groups_s": time.perf_counter() - t1}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -601,65 +567,13 @@ def _release_cuda_graphs(runner: Any) -> None:
         decode_runner=getattr(runner, "decode_cuda_graph_runner", None), eager_runner=eager)
 
 
-def _close_device_communicators(parallel_state: Any) -> None:
-    """Destroy what SGLang's group teardown only drops: each group's PyNCCL communicator
-    (`ncclCommDestroy`) and custom all-reduce buffers (closed while their group still
-    exists). Nothing to do on CPU; untested here (no GPU)."""
-    for value in list(vars(parallel_state).values()):
-        if not isinstance(value, parallel_state.GroupCoordinator):
-            continue
-        ca = getattr(value, "ca_comm", None)
-        if ca is not None and hasattr(ca, "close"):
-            ca.close()
-        nccl = getattr(value, "pynccl_comm", None)
-        comm = getattr(nccl, "comm", None)
-        if nccl is not None and comm is not None and not getattr(nccl, "disabled", False):
-            nccl.nccl.ncclCommDestroy(comm)
-            nccl.comm, nccl.disabled = None, True
-
-
-def _init_world(sched: Any, rt: RempRuntime, topo: Topology, port: int,
-                deadline: float) -> None:
-    """SGLang's world for this rank's replica of `topo` on `port` (a replica is a world of
-    its own, as SGLang's data-parallel controller launches them); its rendezvous (and the
-    new groups' collectives) are bounded by what is left of the reshape's time."""
-    from sglang.srt.distributed import bootstrap
-    from sglang.srt.runtime_context import derive_spawn_ranks, get_context, get_parallel
-
-    tp, pp = topo.tp, topo.pp
-    rank = rt.launch_rank % topo.replica_size  # inside its replica
-    ranks = derive_spawn_ranks(world_rank=rank, tp_size=tp, ep_join_rank_offset=0,
-                               attn_cp_size=1, attn_tp_size=tp, moe_dp_size=1, moe_ep_size=1)
-    # A process keeps its launch replica's index: SGLang's load snapshots and the
-    # controller's workers are numbered by it (a head is a launch replica's first rank).
-    launch = rt.launch or rt.topology
-    dp_rank = rt.launch_rank // launch.replica_size if launch.dp > 1 else None
-    ranks.update(tp_size=tp, pp_size=pp, attn_tp_size=tp, moe_tp_size=tp,
-                 attn_tp_rank=ranks["tp_rank"], attn_dp_rank=0, attn_dcp_rank=0,
-                 dp_rank=dp_rank, launch_world_rank=rank)
-    get_parallel().override_permanently(**ranks)
-    # As SGLang resolves a launch: PP runs without the overlap scheduler; micro-batches
-    # default to an even share of the running requests.
-    overlap = sched._remp.launch_overlap and pp == 1
-    get_context().override(
-        "remp.reshape", tp_size=tp, pp_size=pp, disable_overlap_schedule=not overlap,
-        pp_max_micro_batch_size=max(sched.max_running_requests // pp, 1),
-    )
-    sched.enable_overlap = overlap
-    sched.nccl_port = port
-    with get_parallel().override(dist_timeout=max(1, int(deadline - time.time()))):
-        bootstrap.init_parallel_runtime(server_args=sched.server_args,
-                                        device=sched.server_args.device, dist_port=port)
-    bootstrap.init_layer_runtime(model_config=sched.model_config)
-
-
-def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int, port: int) -> None:
+def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int) -> None:
     from sglang.srt.managers.tp_worker import TpModelWorker
     from sglang.srt.runtime_context import get_device
 
     with weights_from_memory(params):
         worker = TpModelWorker(server_args=sched.server_args, gpu_id=get_device().gpu_id,
-                               nccl_port=port)
+                               nccl_port=sched.nccl_port)
     runner = worker.model_runner
     alloc = sched.token_to_kv_pool_allocator
     runner.req_to_token_pool = sched.req_to_token_pool

@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from remp_sglang.integration import metrics, policy_loop
-from remp_sglang.integration.config import RempConfig, config_from_env, free_port
+from remp_sglang.integration.config import RempConfig, config_from_env
 from remp_sglang.integration.layouts import validate_layout
 from remp_sglang.topology import Topology
 
@@ -460,11 +460,8 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
         _main_view["state"] = "reshaping"
         _main_view["reshapes"] += 1
         metrics.started()
-        world = config.launch_world_size
         request = RempReshapeReqInput(
             dp=new.dp, tp=new.tp, pp=new.pp, heads=_workers(current, config),
-            dist_ports=[free_port() for _ in range(world)],
-            rollback_ports=[free_port() for _ in range(world)],
             deadline=time.time() + config.reshape_timeout_s, nonce=uuid.uuid4().hex)
         if replicas:  # meanwhile, only replicas that head both layouts take requests
             _feed(tokenizer_manager, sorted(set(_workers(current, config))

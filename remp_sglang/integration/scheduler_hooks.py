@@ -1,7 +1,8 @@
 """Hooks installed in every scheduler process under --remp.
 
 - `after_scheduler_init`: builds the process's `RempRuntime` (control plane over every
-  launched rank, model description, KV slot count) while every launched rank is active.
+  launched rank, model description, KV slot count) while every launched rank is active,
+  and the SGLang world of every layout a reshape may take (`worlds`).
 - `around_dispatch_event_loop`: a supervisor that applies the start-up layout, re-enters
   the right loop (PP or not) after each reshape, and parks ranks outside the layout.
 - `after_init_request_dispatcher`: routes the topology and reshape messages.
@@ -36,7 +37,8 @@ from remp_sglang.topology import Topology
 
 from . import load_stats
 from .cache_state import kv_digest
-from .config import config_from_env
+from .config import config_from_env, free_port
+from .layouts import allowed_layouts
 from .model_state import decoder_of
 from .reshape import (
     RempLoopRestart,
@@ -60,6 +62,7 @@ from .step_boundary import (
     resume_decoding,
     settle_overlap,
 )
+from .worlds import prepare, world_key, world_keys
 
 logger = logging.getLogger("sglang.srt.remp")
 
@@ -119,11 +122,28 @@ def after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any)
     )
     scheduler._remp.runners.add(scheduler.tp_worker.model_runner)
     load_stats.wrap_evict(scheduler.tree_cache)
+    if decoder is not None:
+        _prepare_worlds(scheduler, scheduler._remp, config)
     if config.policy == "auto" and decoder is not None:
         _hold_for_wider_layouts(scheduler, scheduler._remp, config)
     if world > 1:
         _prewarm_vocab_mask(scheduler.device)
     return None
+
+
+def _prepare_worlds(scheduler: Any, rt: RempRuntime, config: Any) -> None:
+    """Build now, on every rank in one order, the SGLang world of each replica of each
+    layout a reshape may ask for: a reshape then only parks one and resumes another."""
+    topos = allowed_layouts(config, scheduler.model_config.hf_config,
+                            cpu=scheduler.device == "cpu")
+    keys = world_keys(topos)
+    mine = json.dumps([free_port() for _ in keys]).encode() if rt.launch_rank == 0 else None
+    ports = json.loads(rt.ctrl.broadcast_bytes(mine, root=0))
+    live = world_key(rt.topology, rt.launch_rank)
+    rt.worlds.adopt(live, scheduler.nccl_port)
+    seconds = prepare(scheduler, rt.worlds, rt.launch_rank, live, keys, ports)
+    logger.info("remp: %d worlds prepared for %d layouts in %.2f s (rank %d)",
+                len(rt.worlds.worlds), len(topos), seconds, rt.launch_rank)
 
 
 def _hold_for_wider_layouts(scheduler: Any, rt: RempRuntime, config: Any) -> None:
@@ -161,8 +181,7 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
     config = config_from_env()
     tp, pp = config.initial_layout
     if (tp, pp) != (rt.topology.tp, rt.topology.pp):  # start-up: a failure here is fatal
-        ports = tuple(config.initial_dist_port + r for r in range(rt.topology.dp))
-        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp, ports, ports,
+        execute(scheduler, rt, ReshapeOrder(rt.epoch + 1, tp, pp,
                                             time.time() + config.reshape_timeout_s,
                                             rt.topology.dp))
     rebind_threads(rt, rt.topology)
@@ -299,8 +318,7 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     if rt.pending is not None:
         return RempReshapeReqOutput(error="a reshape is already pending", status=409,
                                     nonce=request.nonce)
-    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, tuple(request.dist_ports),
-                         tuple(request.rollback_ports), request.deadline, request.dp)
+    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.deadline, request.dp)
     try:
         order.validate(rt.topology.world_size, rt.epoch + 1)
     except ValueError as error:
