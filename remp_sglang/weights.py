@@ -10,6 +10,7 @@ ranks that hold them, without the checkpoint. Pure Python: no torch, no sglang.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -159,8 +160,11 @@ def layout(model: DenseDecoder, topo: Topology) -> dict[str, dict[int, list[Segm
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def plan_weights(old: Topology, new: Topology, model: DenseDecoder) -> TensorPlan:
-    """Which slices of every parameter each new rank needs, and from which old rank."""
+    """Which slices of every parameter each new rank needs, and from which old rank.
+    Cached (a reshape, its dry run and its report ask for the same plan; a server moves
+    among few layouts): the plan is read, never changed."""
     old.check_model(model.shape)
     new.check_model(model.shape)
     row_bytes = {

@@ -191,6 +191,7 @@ def _enable_subprocess(config: RempConfig) -> None:
         from remp_sglang.integration.model_state import (
             around_broadcast_pyobj,
             around_dist_barrier_after_load,
+            around_get_tokenizer,
             around_load_weights_only,
             around_measure_pre_model_load_memory,
         )
@@ -236,6 +237,7 @@ def _enable_subprocess(config: RempConfig) -> None:
             around_dist_barrier_after_load,
             HookType.AROUND,
         )
-        HookRegistry.register("sglang.srt.managers.tp_worker.broadcast_pyobj",
-                              around_broadcast_pyobj, HookType.AROUND)
+        for name, fn in (("broadcast_pyobj", around_broadcast_pyobj),
+                         ("get_tokenizer", around_get_tokenizer)):
+            HookRegistry.register(f"sglang.srt.managers.tp_worker.{name}", fn, HookType.AROUND)
     _enabled_subprocess = True

@@ -571,7 +571,7 @@ def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int) -> None:
     from sglang.srt.managers.tp_worker import TpModelWorker
     from sglang.srt.runtime_context import get_device
 
-    with weights_from_memory(params):
+    with weights_from_memory(params, tokenizer=getattr(sched, "tokenizer", None)):
         worker = TpModelWorker(server_args=sched.server_args, gpu_id=get_device().gpu_id,
                                nccl_port=sched.nccl_port)
     runner = worker.model_runner
