@@ -454,9 +454,10 @@ def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None
 
 def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: ReshapeOrder,
               state: CacheState | None, old_params: dict, old_pool_obj: Any) -> None:
-    """Serve the old layout again after a failure past teardown: every rank drops what it
-    built of the new world; old-active ranks rebuild theirs from their kept weights, pool
-    and their replica's export; joining ranks drop the requests they adopted. Waits for every rank
+    """Serve the old layout again after a failure past teardown: every rank drops the
+    worker it built and parks the new world; old-active ranks resume the old world and
+    rebuild a worker from their kept weights, pool and their replica's export; joining
+    ranks drop the requests they adopted. Waits for every rank
     (a frozen one too) until the reshape timeout."""
     rank = rt.launch_rank
     rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
