@@ -297,4 +297,8 @@ def test_the_cpu_reshapes_fit_within_the_reported_error() -> None:
     rows = validate.measured_reshapes(path)
     assert len(rows) == 50
     check = validate.switch_cost_check(rows)
-    assert 0.1 < check["all"]["fixed_s"] < 0.3 and check["holdout"]["median"] < 0.25
+    # the fixed cost is most of each pause (the tiny model moves under 1 MB), and the
+    # fit on one half predicts the other half's pauses to within 25% (median)
+    downtimes = sorted(r.downtime_s for r in rows)
+    assert downtimes[0] / 2 < check["all"]["fixed_s"] < downtimes[-1]
+    assert check["holdout"]["median"] < 0.25

@@ -37,7 +37,7 @@ from remp_sglang.topology import Topology
 
 from . import load_stats
 from .cache_state import kv_digest
-from .config import config_from_env, free_port
+from .config import config_from_env, free_ports
 from .layouts import allowed_layouts
 from .model_state import decoder_of
 from .reshape import (
@@ -137,7 +137,10 @@ def _prepare_worlds(scheduler: Any, rt: RempRuntime, config: Any) -> None:
     topos = allowed_layouts(config, scheduler.model_config.hf_config,
                             cpu=scheduler.device == "cpu")
     keys = world_keys(topos)
-    mine = json.dumps([free_port() for _ in keys]).encode() if rt.launch_rank == 0 else None
+    mine = None
+    if rt.launch_rank == 0:
+        taken = {int(scheduler.server_args.port), int(scheduler.nccl_port)}
+        mine = json.dumps(free_ports(len(keys), taken)).encode()
     ports = json.loads(rt.ctrl.broadcast_bytes(mine, root=0))
     live = world_key(rt.topology, rt.launch_rank)
     rt.worlds.adopt(live, scheduler.nccl_port)
