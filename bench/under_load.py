@@ -11,7 +11,11 @@ reshape: downtime (the schedulers' pause), request wait (the API call), the larg
 any streaming client saw during it, requests that straddled it; overall: requests sent /
 completed / failed / equal to the reference, the decode step (median streaming gap), the
 prefix-cache hits of a probe prompt after every reshape, and each process's resident
-memory before and after. "gap from" is when the largest gap began, relative to the call;
+memory before and after. "max gap" is the largest chunk gap overlapping the call, "gap
+from" when it began, relative to the call; "pause gap" is the largest gap that holds the
+pause itself (on the server's clock, from the reply's `clock`), split into "lead" (the
+stream's last token to the boundary) and "tail" (the new layout's first step starting to
+the stream's next token arriving);
 "step after" is the median streaming gap in the second after it (the new layout's step);
 "1st step" is the new layout's first step (the carried requests' decode) up to its tokens
 being sent; "pp hold" the wait for launched micro-batches when the old layout has PP;
@@ -117,13 +121,21 @@ def main() -> int:
     print(f"\n# {reshapes} reshapes under load: {args.clients} clients, CPU, 2 ranks, tiny "
           f"Llama (float32); decode step (median streaming gap) {decode_step * 1e3:.1f} ms")
     print(f"{'#':>3} {'switch':>9} {'status':>6} {'downtime s':>10} {'wait s':>7} "
-          f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'step after':>10} "
+          f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'pause gap':>9} "
+          f"{'lead':>6} {'tail':>6} {'step after':>10} "
           f"{'gap from':>8} {'1st step':>8} {'pp hold':>7} {'straddling':>10} "
           f"{'carried':>7} {'decoded':>7} {'probe hit':>9}")
     for r in rows:
         gaps = [o.gap_window(r["start"], r["end"]) for o in streamed
                 if o.straddles(r["start"], r["end"])]
         r["max_gap_s"], r["gap_from_s"] = max(gaps, default=(0.0, 0.0))
+        clock = r.get("clock", {})
+        around = [g for o in streamed if "resumed" in clock
+                  for g in [o.gap_around(clock["boundary"], clock["resumed"])] if g]
+        a, b = max(around, key=lambda g: g[1] - g[0], default=(0.0, 0.0))
+        r["pause_gap_s"] = b - a
+        r["pause_gap_lead_s"] = clock["boundary"] - a if around else 0.0
+        r["pause_gap_tail_s"] = b - clock["resumed"] if around else 0.0
         after = [b - a for o in streamed for a, b in zip(o.chunk_times, o.chunk_times[1:],
                                                            strict=False)
                  if r["end"] + 0.1 < a and b < r["end"] + 1.0]
@@ -135,7 +147,8 @@ def main() -> int:
         print(f"{r['n']:>3} {switch:>9} {r['status']:>6} {down:>10.3f} {wait:>7.3f} "
               f"{wait - down:>9.3f} {r['max_gap_s']:>9.3f} "
               f"{(r['max_gap_s'] - down) if gaps else float('nan'):>8.3f} "
-              f"{r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} "
+              f"{r['pause_gap_s']:>9.3f} {r['pause_gap_lead_s']:>6.3f} "
+              f"{r['pause_gap_tail_s']:>6.3f} {r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} "
               f"{r.get('first_step_s', 0.0):>8.3f} {r.get('pipeline_hold_s', 0.0):>7.3f} "
               f"{r['straddling']:>10} {r.get('requests_carried', 0):>7} "
               f"{r.get('requests_resumed_decoding', 0):>7} {r['probe_cached']:>9}")
@@ -154,7 +167,13 @@ def main() -> int:
                                          if r["max_gap_s"]), default=None),
         "gap_within_downtime_plus_one_step": sum(
             r["max_gap_s"] - r["downtime_s"] <= r["step_after_s"] for r in ok if r["max_gap_s"]),
+        "pause_gap_minus_downtime_s_max": max((r["pause_gap_s"] - r["downtime_s"] for r in ok
+                                               if r["pause_gap_s"]), default=None),
+        "pause_gap_within_downtime_plus_one_step": sum(
+            r["pause_gap_s"] - r["downtime_s"] <= r["step_after_s"] for r in ok
+            if r["pause_gap_s"]),
         "reshapes_with_a_straddling_stream": sum(1 for r in ok if r["max_gap_s"]),
+        "reshapes_with_a_stream_across_the_pause": sum(1 for r in ok if r["pause_gap_s"]),
         "probe_full_hits": sum(r["probe_cached"] >= len(probe) - 1 for r in rows),
         "probe_cached_tokens_end": hits, "rss_mib_before": rss_before, "rss_mib_after": rss_after,
     }

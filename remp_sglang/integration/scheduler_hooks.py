@@ -478,6 +478,9 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
     try:
         t_boundary = time.perf_counter()
         report = execute(scheduler, rt, order, t_boundary)
+        # Instants on the host's monotonic clock (`time.perf_counter`), to line the pause
+        # up with clients' and logs' timestamps.
+        report["clock"] = {"order": t_order if t_order is not None else t_boundary}
         if t_order is not None:  # PP: the hold for launched micro-batches (requests run)
             report["pipeline_hold_s"] = round(t_boundary - t_order, 4)
         if recv_req is not None and rt.launch_rank == 0:
@@ -513,6 +516,7 @@ def _first_step(rt: RempRuntime) -> None:
     rt.deferred = None
     now = time.perf_counter()
     report["downtime_s"] = round(now - t_boundary, 4)
+    report["clock"]["boundary"], report["clock"]["resumed"] = t_boundary, now
     report["phases"]["restart_s"] = round(now - t_done, 4)
     phases = report["phases"]
     rt.downtime_model.observe(report["max_rank_bytes"], phases["weights_s"] + phases["kv_s"],
@@ -527,7 +531,9 @@ def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
 
     report, recv_req, t_first = rt.reply
     rt.reply = None
-    report["first_step_s"] = round(time.perf_counter() - t_first, 4)
+    now = time.perf_counter()
+    report["first_step_s"] = round(now - t_first, 4)
+    report["clock"]["first_step_out"] = now
     out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=recv_req.nonce)
     scheduler.send_control_output(out, recv_req)
 

@@ -60,6 +60,14 @@ class Outcome:
         return max(((b - a, a - start) for a, b in zip(times, times[1:], strict=False)
                     if b >= start and a <= end), default=(0.0, 0.0))
 
+    def gap_around(self, start: float, end: float) -> tuple[float, float] | None:
+        """The largest gap overlapping [start, end] (a pause, on the server's clock) as
+        (its first chunk, its last chunk); None if the stream did not span it. A token made
+        before the pause may arrive during it: the gap after it is the one that counts."""
+        times = self.chunk_times
+        return max(((a, b) for a, b in zip(times, times[1:], strict=False)
+                    if a < end and b > start), key=lambda g: g[1] - g[0], default=None)
+
     def straddles(self, start: float, end: float) -> bool:
         return self.t_start < start and self.t_end > end
 
@@ -148,13 +156,12 @@ def _openai(base_url: str, job: Job, out: Outcome, model: str, timeout_s: float,
         out.chunk_times.append(time.perf_counter())
         return
     parts: list[str] = []
-    for chunk in reply:
-        if not chunk.choices:
+    for chunk in reply:  # one chunk per token; its text may be empty (held back by the
+        if not chunk.choices:  # detokenizer until a character completes): still a token
             continue
         piece = chunk.choices[0].delta.content if chat else chunk.choices[0].text
-        if piece:
-            parts.append(piece)
-            out.chunk_times.append(time.perf_counter())
+        parts.append(piece or "")
+        out.chunk_times.append(time.perf_counter())
     out.output = "".join(parts)
 
 
