@@ -1,14 +1,19 @@
 """The distributed reshape engine: KV cache and weight shards to a new topology.
 
 Runs on every launched rank with the same arguments (apart from the rank's own tensors):
-plan (pure, identical everywhere) -> validate and agree -> gather -> point-to-point
-exchange in bounded rounds -> scatter -> agree. Nothing is written to the old pool or the
-old weights, so a failure anywhere (every rank raises `MigrationError`) leaves the caller
-free to keep serving on the old topology.
+plan (pure, identical everywhere) -> validate and agree -> one point-to-point exchange
+in bounded rounds for KV and weights together -> agree. The data is replaced piece by
+piece (`pieces.py`: each layer's KV, each weight tensor) in an order that keeps every
+rank near the larger of its old and new totals: a piece's new tensor is allocated when
+its data is about to land and, with `release_old`, its old tensor is released (in place,
+so SGLang's own references see it go) once its data has left. Nothing is written to an
+old tensor; without `release_old` a failure anywhere (every rank raises
+`MigrationError`) leaves the caller free to keep serving on the old topology.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,10 +23,28 @@ import torch
 
 from . import kernels
 from .comm import Communicator
-from .exchange import ExchangeStats, Item, run_exchange
-from .planner import KVMove, KVPlan, TensorPlan, plan_kv
+from .exchange import Item, run_exchange, schedule_rounds
+from .pieces import (
+    Piece,
+    Transfer,
+    kv_pieces,
+    order_pieces,
+    peak_bytes,
+    steps,
+    transfers,
+    uses,
+    weight_pieces,
+)
+from .planner import KVPlan, plan_kv
 from .topology import ModelShape, Topology
-from .weights import DenseDecoder, dense_decoder_params, local_shape, owns, plan_weights
+from .weights import (
+    DenseDecoder,
+    ParamSpec,
+    dense_decoder_params,
+    local_shape,
+    owns,
+    plan_weights,
+)
 
 DEFAULT_STAGING_BYTES = 64 << 20
 
@@ -60,7 +83,9 @@ class MigrationStats:
     bytes_kept: int = 0  # copied locally from the old into the new pool
     rounds: int = 0
     staging_bytes: int = 0
-    peak_bytes: int = 0  # old pool + new pool + staging on this rank
+    peak_bytes: int = 0  # most held at once on this rank: open pieces + staging
+    predicted_peak_bytes: int = 0  # the same, replayed from the plan (`pieces.peak_bytes`)
+    held_bytes: tuple[int, int] = (0, 0)  # this rank's pieces before and after
     lower_bound_bytes: int = 0  # the busiest rank's max(sent, received), from the plan
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -134,102 +159,6 @@ class SlotFlow:
     dst_slots: torch.Tensor | None = None
 
 
-def migrate_kv(comm: Communicator, old: Topology, new: Topology, shape: ModelShape,
-               old_pool: KVPool | None, live_slots: torch.Tensor, new_num_slots: int,
-               **options: Any) -> KVMigration:
-    """Give this rank its KV pool for `new`, holding the old values of every live slot
-    (one replica on each side; `migrate_kv_flows` moves KV between replicas and takes
-    the same keyword `options`).
-
-    `live_slots` (identical on every rank, as SGLang's replicated allocator makes it)
-    are the slots to keep; they keep their index unless the new pool is too small, then
-    they are compacted and `new_slots` says where each went.
-    """
-    live = live_slots.to(torch.int64).cpu()
-    return migrate_kv_flows(comm, old, new, shape, old_pool, [SlotFlow(0, 0, live)],
-                            new_num_slots, **options)
-
-
-def migrate_kv_flows(
-    comm: Communicator,
-    old: Topology,
-    new: Topology,
-    shape: ModelShape,
-    old_pool: KVPool | None,
-    flows: Sequence[SlotFlow],
-    new_num_slots: int,
-    *,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    new_pool: KVPool | None = None,
-    staging_bytes: int = DEFAULT_STAGING_BYTES,
-    staging: torch.Tensor | None = None,
-    reserved_slots: int = 1,
-    fault: FaultHook | None = None,
-) -> KVMigration:
-    """Give this rank its KV pool for `new` (`new_num_slots` slots in every replica),
-    filled by `flows`: a merge of replicas has one flow per old replica into the new one
-    (their slots renumbered apart), a split one per new replica (a prefix several new
-    replicas keep is in each of their flows). All flows move in one exchange.
-
-    `new_pool`, if given, is filled instead of allocating one (e.g. a pool SGLang built).
-    `staging`, a uint8 buffer of `staging_bytes` kept by the caller, avoids allocating
-    staging per call. Nothing is written to `old_pool`."""
-    rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
-    device = torch.device(device)
-    plan: KVPlan | None = None
-    error: BaseException | None = None
-    remapped = [f.dst_slots is None for f in flows]
-    try:
-        plan = plan_kv(old, new, shape, [(f.src_replica, f.dst_replica) for f in flows])
-        _check_pool(old_pool, old, rank, shape, "old_pool")
-        flows = [f if f.dst_slots is not None else replace(
-            f, dst_slots=remap_slots(f.src_slots, new_num_slots, reserved_slots)) for f in flows]
-        _check_flows(flows, old, new, rank, old_pool, new_num_slots, reserved_slots)
-        if new.is_active(rank):
-            if new_pool is None:
-                new_pool = KVPool.empty(
-                    len(new.layer_range(rank, shape.num_layers)), new_num_slots,
-                    len(new.kv_head_range(rank, shape.num_kv_heads)), shape.head_dim,
-                    dtype, device)
-            _check_pool(new_pool, new, rank, shape, "new_pool")
-            if new_pool.num_slots != new_num_slots:
-                raise ValueError(f"new_pool has {new_pool.num_slots} slots, "
-                                 f"new_num_slots says {new_num_slots}")
-        else:
-            new_pool = None
-        if fault:
-            fault("plan", rank)
-    except Exception as exc:  # agreed on below: every rank raises
-        error = exc
-    comm.agree(error, "KV migration planning")
-    assert plan is not None
-    stats.seconds["plan"] = time.perf_counter() - t0
-
-    slots = [(f.src_slots.to(device=device, dtype=torch.int64),
-              f.dst_slots.to(device=device, dtype=torch.int64)) for f in flows]
-    error = None
-    try:
-        t1 = time.perf_counter()
-        stats.bytes_kept = _copy_kept(plan, rank, old_pool, new_pool, slots)
-        stats.seconds["local_copy"] = time.perf_counter() - t1
-        items = _kv_items(plan, rank, old_pool, new_pool, slots, staging_bytes, fault)
-        ex = run_exchange(comm, items, staging_bytes, device, staging)
-        _merge(stats, ex)
-        stats.seconds["transfer"] = ex.seconds
-    except Exception as exc:
-        error = exc
-    comm.agree(error, "KV migration transfer")
-    stats.lower_bound_bytes = plan.max_rank_bytes([f.src_slots.numel() for f in flows])
-    old_bytes = old_pool.nbytes if old_pool is not None else 0
-    stats.peak_bytes = old_bytes + (new_pool.nbytes if new_pool else 0) + stats.staging_bytes
-    stats.seconds["total"] = time.perf_counter() - t0
-    new_slots = flows[0].dst_slots.cpu() if flows else torch.empty(0, dtype=torch.int64)
-    compacted = any(r and not torch.equal(f.dst_slots.cpu(), f.src_slots.to(torch.int64).cpu())
-                    for r, f in zip(remapped, flows, strict=True))
-    return KVMigration(new_pool, new_slots, compacted, stats)
-
-
 def _check_flows(flows: Sequence[SlotFlow], old: Topology, new: Topology, rank: int,
                  old_pool: KVPool | None, new_num_slots: int, reserved: int) -> None:
     """Every flow maps slots of its old replica's pool to distinct usable slots of its
@@ -257,189 +186,393 @@ def _max(t: torch.Tensor) -> int:
     return int(t.max()) if t.numel() else -1
 
 
-def _copy_kept(plan: KVPlan, rank: int, old_pool: KVPool | None, new_pool: KVPool | None,
-               slots: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Slices this rank holds in both layouts go old pool -> new pool in one pass each."""
-    kept = 0
-    for m in plan.keeps(rank):
-        assert old_pool is not None and new_pool is not None
-        src_slots, dst_slots = slots[m.flow]
-        sl = plan.local_layer(plan.old, rank, m.layers.start)
-        sh = plan.local_head(plan.old, rank, m.heads.start)
-        kernels.copy_kv(
-            old_pool.k, old_pool.v, src_slots, new_pool.k, new_pool.v, dst_slots,
-            src_layers=(sl, sl + len(m.layers)),
-            dst_layer_begin=plan.local_layer(plan.new, rank, m.layers.start),
-            src_heads=(sh, sh + len(m.heads)),
-            dst_head_begin=plan.local_head(plan.new, rank, m.heads.start),
-        )
-        kept += plan.bytes_per_token([m]) * src_slots.numel()
-    return kept
+def migrate_kv(comm: Communicator, old: Topology, new: Topology, shape: ModelShape,
+               old_pool: KVPool | None, live_slots: torch.Tensor, new_num_slots: int,
+               **options: Any) -> KVMigration:
+    """Give this rank its KV pool for `new`, holding the old values of every live slot
+    (one replica on each side; `migrate_kv_flows` moves KV between replicas and takes
+    the same keyword `options`).
+
+    `live_slots` (identical on every rank, as SGLang's replicated allocator makes it)
+    are the slots to keep; they keep their index unless the new pool is too small, then
+    they are compacted and `new_slots` says where each went.
+    """
+    live = live_slots.to(torch.int64).cpu()
+    return migrate_kv_flows(comm, old, new, shape, old_pool, [SlotFlow(0, 0, live)],
+                            new_num_slots, **options)
 
 
-def _kv_items(plan: KVPlan, rank: int, old_pool: KVPool | None, new_pool: KVPool | None,
-              slots: Sequence[tuple[torch.Tensor, torch.Tensor]], staging_bytes: int,
-              fault: FaultHook | None) -> list[Item]:
-    """Token chunks sized so one chunk of every rank's moves fits half the staging."""
-    moves = [m for m in plan.moves if not m.is_local]
-    if not moves:
-        return []
-    es = plan.shape.dtype_bytes
-    busiest = max(
-        plan.bytes_per_token(plan.sends(r)) + plan.bytes_per_token(plan.recvs(r))
-        for r in range(plan.old.world_size)
-    )
-    chunk = max(1, (staging_bytes // 2 - 16 * len(moves)) // busiest)
-    items = []
-    for flow, (src_slots, dst_slots) in enumerate(slots):
-        n = src_slots.numel()
-        for t0 in range(0, n, chunk):
-            t1 = min(n, t0 + chunk)
-            for m in (m for m in moves if m.flow == flow):
-                items.append(_kv_item(plan, rank, m, old_pool, new_pool, src_slots[t0:t1],
-                                      dst_slots[t0:t1], es, fault))
-    return items
-
-
-def _kv_item(plan: KVPlan, rank: int, m: KVMove, old_pool: KVPool | None,
-             new_pool: KVPool | None, src: torch.Tensor, dst: torch.Tensor, es: int,
-             fault: FaultHook | None) -> Item:
-    shape = plan.shape
-    dims = (2, len(m.layers), src.numel(), len(m.heads), shape.head_dim)
-    nbytes = 2 * len(m.layers) * src.numel() * len(m.heads) * shape.head_dim * es
-
-    def pack(view: torch.Tensor) -> None:
-        if fault:
-            fault("gather", rank)
-        sl = plan.local_layer(plan.old, rank, m.layers.start)
-        sh = plan.local_head(plan.old, rank, m.heads.start)
-        kernels.gather_kv(old_pool.k, old_pool.v, src, layers=(sl, sl + len(m.layers)),
-                          heads=(sh, sh + len(m.heads)),
-                          out=view.view(old_pool.k[0].dtype).view(dims))
-
-    def unpack(view: torch.Tensor) -> None:
-        packed = view.view(new_pool.k[0].dtype).view(dims)
-        kernels.scatter_kv(packed, new_pool.k, new_pool.v, dst,
-                           layer_begin=plan.local_layer(plan.new, rank, m.layers.start),
-                           head_begin=plan.local_head(plan.new, rank, m.heads.start))
-
-    return Item(m.src, m.dst, nbytes, pack, unpack)
-
-
-def _merge(stats: MigrationStats, ex: ExchangeStats) -> None:
-    stats.bytes_sent += ex.bytes_sent
-    stats.bytes_received += ex.bytes_received
-    stats.rounds += ex.rounds
-    stats.staging_bytes = max(stats.staging_bytes, ex.staging_bytes)
-
-
-# ---------------------------------------------------------------------------------------
-# weights
-@dataclass
-class WeightReshard:
-    params: dict[str, torch.Tensor]  # this rank's parameters for the new topology
-    plan: TensorPlan
-    stats: MigrationStats
-
-
-def reshard_weights(
+def migrate_kv_flows(
     comm: Communicator,
     old: Topology,
     new: Topology,
-    model: DenseDecoder,
-    old_params: Mapping[str, torch.Tensor],
+    shape: ModelShape,
+    old_pool: KVPool | None,
+    flows: Sequence[SlotFlow],
+    new_num_slots: int,
     *,
     dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    staging_bytes: int = DEFAULT_STAGING_BYTES,
-    staging: torch.Tensor | None = None,
-    fault: FaultHook | None = None,
-) -> WeightReshard:
+    new_pool: KVPool | None = None,
+    reserved_slots: int = 1,
+    **options: Any,
+) -> KVMigration:
+    """Give this rank its KV pool for `new` (`new_num_slots` slots in every replica),
+    filled by `flows`: a merge of replicas has one flow per old replica into the new one
+    (their slots renumbered apart), a split one per new replica (a prefix several new
+    replicas keep is in each of their flows). All flows move in one exchange.
+
+    `new_pool`, if given, is filled instead of allocating one (e.g. a pool SGLang built).
+    `options` are `relayout`'s (device, staging, release_old, fault)."""
+    res = relayout(comm, old, new, kv=KVPart(shape, dtype, old_pool, flows, new_num_slots,
+                                             new_pool, reserved_slots), **options)
+    return KVMigration(res.pool, res.new_slots, res.compacted, res.stats)
+
+
+@dataclass
+class WeightReshard:
+    params: dict[str, torch.Tensor]  # this rank's parameters for the new topology
+    stats: MigrationStats
+
+
+def reshard_weights(comm: Communicator, old: Topology, new: Topology, model: DenseDecoder,
+                    old_params: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                    **options: Any) -> WeightReshard:
     """This rank's parameters for `new`, moved from the ranks holding them (no checkpoint).
 
     `old_params` maps SGLang parameter names to this rank's local shards under `old`
-    (empty on a parked rank). New tensors are allocated; the old ones are only read.
+    (empty on a parked rank). `options` are `relayout`'s."""
+    res = relayout(comm, old, new, weights=WeightPart(model, dtype, old_params), **options)
+    return WeightReshard(res.params, res.stats)
+
+
+# ---------------------------------------------------------------------------------------
+# one exchange for KV and weights, piece by piece
+@dataclass
+class KVPart:
+    shape: ModelShape  # the model's KV geometry, with the cache's element size
+    dtype: torch.dtype  # the cache's storage dtype
+    old_pool: KVPool | None
+    flows: Sequence[SlotFlow]
+    new_num_slots: int
+    new_pool: KVPool | None = None  # filled instead of allocating layer by layer
+    reserved_slots: int = 1
+
+
+@dataclass
+class WeightPart:
+    model: DenseDecoder
+    dtype: torch.dtype
+    old_params: Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Relayout:
+    params: dict[str, torch.Tensor]  # this rank's parameters for the new topology
+    pool: KVPool | None  # its KV pool (None when parked, or without a KV part)
+    new_slots: torch.Tensor  # new slot index of each live slot (the first flow's)
+    compacted: bool  # a flow without destination slots had some moved
+    stats: MigrationStats
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # per part: "kv", "weights"
+    bytes_kept: dict[str, int] = field(default_factory=dict)  # copied locally, per part
+
+
+def release(*tensors: torch.Tensor) -> None:
+    """Free tensors' memory in place: the same objects (held by SGLang's pool lists and
+    modules too) become empty, so their storage goes though they are still referenced.
+    A view's base goes with it (SGLang's K and V halves of one layer share one)."""
+    with torch.no_grad():
+        for t in tensors:
+            base = t._base
+            t.set_()
+            if base is not None:
+                base.set_()
+
+
+def relayout(
+    comm: Communicator,
+    old: Topology,
+    new: Topology,
+    kv: KVPart | None = None,
+    weights: WeightPart | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
+    staging: torch.Tensor | None = None,
+    release_old: bool = False,
+    fault: FaultHook | None = None,
+) -> Relayout:
+    """This rank's KV pool and weights for `new`, in one exchange.
+
+    `staging`, a uint8 buffer of `staging_bytes` kept by the caller, avoids allocating
+    staging per call. With `release_old`, each old layer's KV and each old weight tensor
+    is released as soon as its data has left this rank (the caller then cannot serve
+    the old layout from them again); `stats.peak_bytes` is the most the pieces and the
+    staging held at once on this rank.
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
-    specs = {s.name: s for s in dense_decoder_params(model)}
-    plan: TensorPlan | None = None
-    new_params: dict[str, torch.Tensor] = {}
+    device = torch.device(device)
+    kv_plan, w_plan, flows, remapped = None, None, [], []
     error: BaseException | None = None
     try:
-        plan = plan_weights(old, new, model)
-        for name, spec in specs.items():
-            if owns(spec, model, old, rank):
-                want = local_shape(spec, model, old, rank)
-                have = old_params.get(name)
-                if have is None or tuple(have.shape) != want or have.dtype != dtype:
-                    got = None if have is None else (list(have.shape), have.dtype)
-                    raise ValueError(f"old_params[{name!r}] on rank {rank}: expected {want} "
-                                     f"{dtype}, got {got}")
-        if dtype.itemsize != model.shape.dtype_bytes:
-            raise ValueError(f"dtype {dtype} disagrees with model.shape.dtype_bytes="
-                             f"{model.shape.dtype_bytes}")
-        for name, spec in specs.items():
-            if owns(spec, model, new, rank):
-                new_params[name] = torch.zeros(local_shape(spec, model, new, rank),
-                                               dtype=dtype, device=device)
+        if kv is not None:
+            kv_plan = plan_kv(old, new, kv.shape,
+                              [(f.src_replica, f.dst_replica) for f in kv.flows])
+            _check_pool(kv.old_pool, old, rank, kv.shape, "old_pool")
+            remapped = [f.dst_slots is None for f in kv.flows]
+            flows = [f if f.dst_slots is not None else replace(
+                f, dst_slots=remap_slots(f.src_slots, kv.new_num_slots, kv.reserved_slots))
+                for f in kv.flows]
+            _check_flows(flows, old, new, rank, kv.old_pool, kv.new_num_slots,
+                         kv.reserved_slots)
+            if new.is_active(rank) and kv.new_pool is not None:
+                _check_pool(kv.new_pool, new, rank, kv.shape, "new_pool")
+                if kv.new_pool.num_slots != kv.new_num_slots:
+                    raise ValueError(f"new_pool has {kv.new_pool.num_slots} slots, "
+                                     f"new_num_slots says {kv.new_num_slots}")
+        if weights is not None:
+            w_plan = plan_weights(old, new, weights.model)
+            _check_params(weights, old, rank)
         if fault:
             fault("plan", rank)
-    except Exception as exc:
+    except Exception as exc:  # agreed on below: every rank raises
         error = exc
-    comm.agree(error, "weight re-sharding planning")
-    assert plan is not None
+    old_rows = kv.old_pool.num_slots if kv and kv.old_pool and kv.old_pool.k else 0
+    rows = comm.agree(error, "reshape planning", info=old_rows)
+    stats.seconds["plan"] = time.perf_counter() - t0
+
+    run = _Run(rank, old, new, kv, weights, kv_plan, w_plan, flows, rows, device,
+               release_old, fault)
     error = None
     try:
-        items = []
-        half = staging_bytes // 2 - 16
-        for m in plan.moves:
-            dim = specs[m.name].dim
-            row = plan.row_bytes[m.name]
-            if m.is_local:
-                if m.dst == rank:
-                    new_params[m.name].narrow(dim, m.dst_local, m.length).copy_(
-                        old_params[m.name].narrow(dim, m.src_local, m.length))
-                    stats.bytes_kept += m.length * row
-                continue
-            step = half // row
-            if step < 1:
-                raise ValueError(f"staging_bytes={staging_bytes} too small for one row of "
-                                 f"{m.name} ({row} B)")
-            for a in range(0, m.length, step):
-                items.append(_weight_item(m, dim, a, min(m.length, a + step), row,
-                                          old_params, new_params, rank, fault))
-        ex = run_exchange(comm, items, staging_bytes, torch.device(device), staging)
-        _merge(stats, ex)
-        stats.seconds["transfer"] = ex.seconds
+        t1 = time.perf_counter()
+        half = staging_bytes // 2
+        plan = transfers(run.pieces, run.order, half, kv_plan,
+                         [f.src_slots.numel() for f in flows], w_plan)
+        rounds = schedule_rounds([run.item(t) for t in plan], half,
+                                 [p.new for p in run.pieces])
+        use = uses(run.order, [[(it.piece, rank in (it.src, it.dst)) for it in r]
+                               for r in rounds], len(run.pieces))
+        before_pack: list[list[tuple[str, int]]] = [[] for _ in range(len(rounds) + 1)]
+        after_done: list[list[tuple[str, int]]] = [[] for _ in range(len(rounds))]
+        for action, k, i in steps(run.order, use):
+            (after_done if action == "close" else before_pack)[k].append((action, i))
+
+        def on_round(event: str, k: int) -> None:
+            for action, i in (before_pack if event == "pack" else after_done)[k]:
+                run.act(action, i)
+
+        items = [it for r in rounds for it in r]
+        ex = run_exchange(comm, items, staging_bytes, device, staging, rounds, on_round)
+        for action, i in before_pack[len(rounds)]:
+            run.act(action, i)
+        stats.rounds, stats.staging_bytes = ex.rounds, ex.staging_bytes
+        stats.bytes_sent, stats.bytes_received = ex.bytes_sent, ex.bytes_received
+        stats.seconds["transfer"] = time.perf_counter() - t1
+        stats.predicted_peak_bytes = peak_bytes(run.pieces, run.order, use, rank,
+                                                release_old) + ex.staging_bytes
     except Exception as exc:
         error = exc
-    comm.agree(error, "weight re-sharding transfer")
-    stats.lower_bound_bytes = max(
-        (max(plan.bytes_sent(r), plan.bytes_received(r)) for r in range(old.world_size)),
-        default=0)
-    stats.peak_bytes = (sum(t.numel() * t.element_size() for t in old_params.values())
-                        + sum(t.numel() * t.element_size() for t in new_params.values())
-                        + stats.staging_bytes)
+    comm.agree(error, "reshape transfer")
+    stats.bytes_kept = sum(run.kept.values())
+    stats.peak_bytes = run.peak + stats.staging_bytes
+    stats.held_bytes = (run.start, run.held)
+    stats.lower_bound_bytes = run.busiest_bytes()
     stats.seconds["total"] = time.perf_counter() - t0
-    return WeightReshard(new_params, plan, stats)
+    new_slots = flows[0].dst_slots.cpu() if flows else torch.empty(0, dtype=torch.int64)
+    compacted = any(r and not torch.equal(f.dst_slots.cpu(), f.src_slots.to(torch.int64).cpu())
+                    for r, f in zip(remapped, flows, strict=True))
+    pool = run.new_pool if kv is not None and new.is_active(rank) else None
+    return Relayout(run.new_params, pool, new_slots, compacted, stats, dict(run.sent),
+                    dict(run.kept))
 
 
-def _weight_item(m, dim: int, a: int, b: int, row: int, old_params, new_params, rank: int,
-                 fault: FaultHook | None) -> Item:
-    def pack(view: torch.Tensor) -> None:
-        if fault:
-            fault("gather", rank)
-        src = old_params[m.name].narrow(dim, m.src_local + a, b - a)
-        view.view(src.dtype).view(src.shape).copy_(src)
+def _check_params(part: WeightPart, old: Topology, rank: int) -> None:
+    model, dtype = part.model, part.dtype
+    for spec in dense_decoder_params(model):
+        if owns(spec, model, old, rank):
+            want = local_shape(spec, model, old, rank)
+            have = part.old_params.get(spec.name)
+            if have is None or tuple(have.shape) != want or have.dtype != dtype:
+                got = None if have is None else (list(have.shape), have.dtype)
+                raise ValueError(f"old_params[{spec.name!r}] on rank {rank}: expected {want} "
+                                 f"{dtype}, got {got}")
+    if dtype.itemsize != model.shape.dtype_bytes:
+        raise ValueError(f"dtype {dtype} disagrees with model.shape.dtype_bytes="
+                         f"{model.shape.dtype_bytes}")
 
-    def unpack(view: torch.Tensor) -> None:
-        dst = new_params[m.name].narrow(dim, m.dst_local + a, b - a)
-        dst.copy_(view.view(dst.dtype).view(dst.shape))
 
-    return Item(m.src, m.dst, (b - a) * row, pack, unpack)
+class _Run:
+    """One rank's side of a relayout: its pieces, their items, and what it holds."""
+
+    def __init__(self, rank: int, old: Topology, new: Topology, kv: KVPart | None,
+                 weights: WeightPart | None, kv_plan: KVPlan | None, w_plan: Any,
+                 flows: list[SlotFlow], old_rows: list[int], device: torch.device,
+                 release_old: bool, fault: FaultHook | None) -> None:
+        self.rank, self.old, self.new, self.kv, self.weights = rank, old, new, kv, weights
+        self.kv_plan, self.w_plan, self.device = kv_plan, w_plan, device
+        self.release_old, self.fault = release_old, fault
+        self.slots = [(f.src_slots.to(device=device, dtype=torch.int64),
+                       f.dst_slots.to(device=device, dtype=torch.int64)) for f in flows]
+        self.pieces: list[Piece] = []
+        if kv is not None:
+            s = kv.shape
+            self.pieces += kv_pieces(old, new, s, old_rows, kv.new_num_slots)
+            layers = len(new.layer_range(rank, s.num_layers)) if new.is_active(rank) else 0
+            self.new_pool = kv.new_pool or KVPool(
+                [torch.empty(0, dtype=kv.dtype, device=device)] * layers,
+                [torch.empty(0, dtype=kv.dtype, device=device)] * layers)
+        self.new_params: dict[str, torch.Tensor] = {}
+        self.specs: dict[str, ParamSpec] = {}
+        if weights is not None:
+            self.pieces += weight_pieces(old, new, weights.model)
+            self.specs = {spec.name: spec for spec in dense_decoder_params(weights.model)}
+        self.order = _order(tuple(self.pieces))
+        self.start = self.held = self.peak = sum(p.old[rank] for p in self.pieces)
+        self.sent: dict[str, int] = {"kv": 0, "weights": 0}
+        self.kept: dict[str, int] = {"kv": 0, "weights": 0}
+
+    # ------------------------------------------------------------------ open and close
+    def act(self, action: str, i: int) -> None:
+        if action in ("open", "inline"):
+            self._open(i)
+        if action in ("close", "inline"):
+            self._close(i)
+
+    def _open(self, i: int) -> None:
+        piece = self.pieces[i]
+        if piece.layer >= 0:
+            self._open_kv(piece.layer)
+        else:
+            self._open_param(self.specs[piece.name])
+        self.held += self.pieces[i].new[self.rank]
+        self.peak = max(self.peak, self.held)
+
+    def _close(self, i: int) -> None:
+        if not self.release_old:
+            return
+        piece = self.pieces[i]
+        if piece.old[self.rank]:
+            if piece.layer >= 0:
+                j = self._local_layer(self.old, piece.layer)
+                release(self.kv.old_pool.k[j], self.kv.old_pool.v[j])
+            else:
+                release(self.weights.old_params[piece.name])
+        self.held -= piece.old[self.rank]
+
+    def _open_kv(self, layer: int) -> None:
+        if not self.new.is_active(self.rank) or layer not in self.new.layer_range(
+                self.rank, self.kv.shape.num_layers):
+            return
+        j = self._local_layer(self.new, layer)
+        pool, s = self.new_pool, self.kv.shape
+        if self.kv.new_pool is None:
+            heads = len(self.new.kv_head_range(self.rank, s.num_kv_heads))
+            both = torch.zeros(2, self.kv.new_num_slots, heads, s.head_dim,
+                               dtype=self.kv.dtype, device=self.device)
+            pool.k[j], pool.v[j] = both[0], both[1]
+        plan, old_pool = self.kv_plan, self.kv.old_pool
+        for m in plan.keeps(self.rank):
+            if layer not in m.layers:
+                continue
+            src_slots, dst_slots = self.slots[m.flow]
+            i = self._local_layer(self.old, layer)
+            kernels.copy_kv(
+                [old_pool.k[i]], [old_pool.v[i]], src_slots, [pool.k[j]], [pool.v[j]],
+                dst_slots, src_layers=(0, 1),
+                src_heads=self._heads(plan.old, m.heads),
+                dst_head_begin=plan.local_head(plan.new, self.rank, m.heads.start))
+            self.kept["kv"] += plan.bytes_per_token([m]) // len(m.layers) * src_slots.numel()
+
+    def _open_param(self, spec: ParamSpec) -> None:
+        model, rank = self.weights.model, self.rank
+        if not owns(spec, model, self.new, rank):
+            return
+        t = torch.zeros(local_shape(spec, model, self.new, rank), dtype=self.weights.dtype,
+                        device=self.device)
+        self.new_params[spec.name] = t
+        for m in self.w_plan.moves:
+            if m.name == spec.name and m.is_local and m.dst == rank:
+                t.narrow(spec.dim, m.dst_local, m.length).copy_(
+                    self.weights.old_params[m.name].narrow(spec.dim, m.src_local, m.length))
+                self.kept["weights"] += m.length * self.w_plan.row_bytes[m.name]
+
+    def _local_layer(self, topo: Topology, layer: int) -> int:
+        return layer - topo.layer_range(self.rank, self.kv.shape.num_layers).start
+
+    def _heads(self, topo: Topology, heads: range) -> tuple[int, int]:
+        h = heads.start - topo.kv_head_range(self.rank, self.kv.shape.num_kv_heads).start
+        return h, h + len(heads)
+
+    # ------------------------------------------------------------------------- items
+    def item(self, t: Transfer) -> Item:
+        """`t` as an exchange item: the packing and unpacking this rank does for it."""
+        if t.layer >= 0:
+            return self._kv_item(t)
+        return self._weight_item(t)
+
+    def _kv_item(self, t: Transfer) -> Item:
+        s, m = self.kv.shape, t.move
+        src_slots, dst_slots = self.slots[t.flow]
+        src, dst = src_slots[t.a:t.b], dst_slots[t.a:t.b]
+        dims = (2, 1, t.b - t.a, len(m.heads), s.head_dim)
+
+        def pack(view: torch.Tensor) -> None:
+            if self.fault:
+                self.fault("gather", self.rank)
+            j, pool = self._local_layer(self.old, t.layer), self.kv.old_pool
+            kernels.gather_kv([pool.k[j]], [pool.v[j]], src, layers=(0, 1),
+                              heads=self._heads(self.old, m.heads),
+                              out=view.view(pool.k[j].dtype).view(dims))
+            self.sent["kv"] += t.nbytes
+
+        def unpack(view: torch.Tensor) -> None:
+            j, pool = self._local_layer(self.new, t.layer), self.new_pool
+            kernels.scatter_kv(view.view(pool.k[j].dtype).view(dims), [pool.k[j]],
+                               [pool.v[j]], dst,
+                               head_begin=self.kv_plan.local_head(self.new, self.rank,
+                                                                  m.heads.start))
+
+        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
+
+    def _weight_item(self, t: Transfer) -> Item:
+        m, dim = t.move, self.specs[t.move.name].dim
+
+        def pack(view: torch.Tensor) -> None:
+            if self.fault:
+                self.fault("gather", self.rank)
+            src = self.weights.old_params[m.name].narrow(dim, m.src_local + t.a, t.b - t.a)
+            view.view(src.dtype).view(src.shape).copy_(src)
+            self.sent["weights"] += t.nbytes
+
+        def unpack(view: torch.Tensor) -> None:
+            dst = self.new_params[m.name].narrow(dim, m.dst_local + t.a, t.b - t.a)
+            dst.copy_(view.view(dst.dtype).view(dst.shape))
+
+        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
+
+    def busiest_bytes(self) -> int:
+        """The busiest rank's max(sent, received) over both parts, from the plans."""
+        tokens = [f[0].numel() for f in self.slots]
+        best = 0
+        for r in range(self.old.world_size):
+            sent = recv = 0
+            if self.kv_plan is not None:
+                sent += self.kv_plan.bytes_sent(r, tokens)
+                recv += self.kv_plan.bytes_received(r, tokens)
+            if self.w_plan is not None:
+                sent += self.w_plan.bytes_sent(r)
+                recv += self.w_plan.bytes_received(r)
+            best = max(best, sent, recv)
+        return best
+
+
+@functools.lru_cache(maxsize=64)
+def _order(pieces: tuple[Piece, ...]) -> list[int]:
+    return order_pieces(pieces)
 
 
 __all__ = [
-    "CapacityError", "KVMigration", "KVPool", "MigrationStats", "WeightReshard", "migrate_kv",
+    "CapacityError", "KVMigration", "KVPart", "KVPool", "MigrationStats", "Relayout",
+    "WeightPart", "WeightReshard", "migrate_kv", "migrate_kv_flows", "release", "relayout",
     "remap_slots", "reshard_weights",
 ]
