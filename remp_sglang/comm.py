@@ -320,6 +320,13 @@ class Communicator:
         self.wait([self.pg.broadcast(buf, root)])
         return buf.numpy().tobytes()
 
+    def resync(self) -> None:
+        """After a failed exchange every rank carries on from the same point: a fresh
+        group (messages of the failed one may still be in flight) and tags past the
+        failed step's."""
+        self.renew()
+        self._tag = (self._epoch << 16) | 0x8000
+
     def renew(self) -> None:
         """A fresh group over the same store (every rank calls it at the same point);
         the old one is shut down but kept referenced, as threads may still wait in it."""

@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from . import kernels
-from .comm import Communicator
-from .exchange import Item, run_exchange, schedule_rounds
+from .comm import Communicator, MigrationError
+from .exchange import Item, run_exchange
 from .pieces import (
     Piece,
     Transfer,
     kv_pieces,
     order_pieces,
     peak_bytes,
-    steps,
+    stages,
     transfers,
-    uses,
     weight_pieces,
 )
 from .planner import KVPlan, plan_kv
@@ -69,7 +68,7 @@ class KVPool:
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[0] if self.k else 0
+        return max((t.shape[0] for t in self.k), default=0)  # layers may be placeholders
 
     @property
     def nbytes(self) -> int:
@@ -129,22 +128,27 @@ def remap_slots(live_slots: torch.Tensor, new_num_slots: int, reserved: int = 1)
 
 
 def _check_pool(pool: KVPool | None, topo: Topology, rank: int, shape: ModelShape,
-                name: str) -> None:
+                name: str, layers: Collection[int] | None = None) -> None:
+    """`pool` holds this rank's layers and heads under `topo` (`layers`: only these
+    global layers need to be there; the others may be empty placeholders)."""
     if not topo.is_active(rank):
         if pool is not None and pool.k:
             raise ValueError(f"{name}: rank {rank} is parked in {topo} but holds a KV pool")
         return
     if pool is None:
         raise ValueError(f"{name}: rank {rank} is active in {topo} but has no KV pool")
-    layers = len(topo.layer_range(rank, shape.num_layers))
+    held = topo.layer_range(rank, shape.num_layers)
     heads = len(topo.kv_head_range(rank, shape.num_kv_heads))
-    if len(pool.k) != layers or len(pool.v) != layers:
-        raise ValueError(f"{name}: expected {layers} layers of K and V on rank {rank}, "
+    if len(pool.k) != len(held) or len(pool.v) != len(held):
+        raise ValueError(f"{name}: expected {len(held)} layers of K and V on rank {rank}, "
                          f"got {len(pool.k)} and {len(pool.v)}")
-    for t in pool.k + pool.v:
-        if tuple(t.shape[1:]) != (heads, shape.head_dim):
-            raise ValueError(f"{name}: rank {rank} buffers must be [slots, {heads}, "
-                             f"{shape.head_dim}], got {list(t.shape)}")
+    for j, layer in enumerate(held):
+        if layers is not None and layer not in layers:
+            continue
+        for t in (pool.k[j], pool.v[j]):
+            if tuple(t.shape[1:]) != (heads, shape.head_dim):
+                raise ValueError(f"{name}: rank {rank} buffers must be [slots, {heads}, "
+                                 f"{shape.head_dim}], got {list(t.shape)}")
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ def _check_flows(flows: Sequence[SlotFlow], old: Topology, new: Topology, rank: 
         if dst.numel() and (int(dst.min()) < reserved or int(dst.max()) >= new_num_slots):
             raise ValueError(f"flows[{i}]: destination slots must lie in "
                              f"{reserved}..{new_num_slots - 1}")
-        if (old_pool is not None and old_pool.k and old.is_active(rank)
+        if (old_pool is not None and old_pool.num_slots and old.is_active(rank)
                 and old.replica(rank) == f.src_replica and _max(src) >= old_pool.num_slots):
             raise ValueError(f"flows[{i}]: live slot {_max(src)} outside the old pool's "
                              f"{old_pool.num_slots} slots")
@@ -300,14 +304,20 @@ def relayout(
     staging: torch.Tensor | None = None,
     release_old: bool = False,
     fault: FaultHook | None = None,
+    only: Collection[str] | None = None,
+    stage_bytes: int | None = None,
 ) -> Relayout:
     """This rank's KV pool and weights for `new`, in one exchange.
 
     `staging`, a uint8 buffer of `staging_bytes` kept by the caller, avoids allocating
     staging per call. With `release_old`, each old layer's KV and each old weight tensor
     is released as soon as its data has left this rank (the caller then cannot serve
-    the old layout from them again); `stats.peak_bytes` is the most the pieces and the
-    staging held at once on this rank.
+    the old layout from them again; if the transfer fails, `RelayoutFailed` carries
+    what `restore` needs); `stats.peak_bytes` is the most the pieces and the staging
+    held at once on this rank. Pieces move in stages (`pieces.stages`) that allocate at
+    most `stage_bytes` (default: `staging_bytes`) on a rank, or one larger piece, before
+    the stage's old tensors are released. `only`: the names of the pieces to move
+    (`restore`); the others are neither read nor made.
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
@@ -317,7 +327,8 @@ def relayout(
         if kv is not None:
             kv_plan = plan_kv(old, new, kv.shape,
                               [(f.src_replica, f.dst_replica) for f in kv.flows])
-            _check_pool(kv.old_pool, old, rank, kv.shape, "old_pool")
+            _check_pool(kv.old_pool, old, rank, kv.shape, "old_pool", None if only is None
+                        else [i for i in range(kv.shape.num_layers) if f"kv.{i}" in only])
             remapped = [f.dst_slots is None for f in kv.flows]
             flows = [f if f.dst_slots is not None else replace(
                 f, dst_slots=remap_slots(f.src_slots, kv.new_num_slots, kv.reserved_slots))
@@ -331,7 +342,7 @@ def relayout(
                                      f"new_num_slots says {kv.new_num_slots}")
         if weights is not None:
             w_plan = plan_weights(old, new, weights.model)
-            _check_params(weights, old, rank)
+            _check_params(weights, old, rank, only)
         if fault:
             fault("plan", rank)
     except Exception as exc:  # agreed on below: every rank raises
@@ -341,38 +352,38 @@ def relayout(
     stats.seconds["plan"] = time.perf_counter() - t0
 
     run = _Run(rank, old, new, kv, weights, kv_plan, w_plan, flows, rows, device,
-               release_old, fault)
-    error = None
-    try:
-        t1 = time.perf_counter()
-        half = staging_bytes // 2
-        plan = transfers(run.pieces, run.order, half, kv_plan,
-                         [f.src_slots.numel() for f in flows], w_plan)
-        rounds = schedule_rounds([run.item(t) for t in plan], half,
-                                 [p.new for p in run.pieces])
-        use = uses(run.order, [[(it.piece, rank in (it.src, it.dst)) for it in r]
-                               for r in rounds], len(run.pieces))
-        before_pack: list[list[tuple[str, int]]] = [[] for _ in range(len(rounds) + 1)]
-        after_done: list[list[tuple[str, int]]] = [[] for _ in range(len(rounds))]
-        for action, k, i in steps(run.order, use):
-            (after_done if action == "close" else before_pack)[k].append((action, i))
-
-        def on_round(event: str, k: int) -> None:
-            for action, i in (before_pack if event == "pack" else after_done)[k]:
-                run.act(action, i)
-
-        items = [it for r in rounds for it in r]
-        ex = run_exchange(comm, items, staging_bytes, device, staging, rounds, on_round)
-        for action, i in before_pack[len(rounds)]:
-            run.act(action, i)
-        stats.rounds, stats.staging_bytes = ex.rounds, ex.staging_bytes
-        stats.bytes_sent, stats.bytes_received = ex.bytes_sent, ex.bytes_received
-        stats.seconds["transfer"] = time.perf_counter() - t1
-        stats.predicted_peak_bytes = peak_bytes(run.pieces, run.order, use, rank,
-                                                release_old) + ex.staging_bytes
-    except Exception as exc:
-        error = exc
-    comm.agree(error, "reshape transfer")
+               release_old, fault, only)
+    cut = stages(run.pieces, run.order, stage_bytes or staging_bytes)
+    tokens = [f.src_slots.numel() for f in flows]
+    t1 = time.perf_counter()
+    for stage in cut:
+        error = None
+        try:
+            for i in stage:
+                run.open(i)
+            items = [run.item(t) for t in transfers(run.pieces, stage, staging_bytes // 2,
+                                                    kv_plan, tokens, w_plan)]
+            run.expect(items)
+            ex = run_exchange(comm, items, staging_bytes, device, staging)
+            stats.rounds += ex.rounds
+            stats.staging_bytes = max(stats.staging_bytes, ex.staging_bytes)
+            stats.bytes_sent += ex.bytes_sent
+            stats.bytes_received += ex.bytes_received
+        except Exception as exc:
+            error = exc
+        try:  # every rank has all of the stage before any old tensor goes
+            comm.agree(error, "reshape transfer")
+        except MigrationError as exc:
+            if not release_old:
+                raise
+            failed = RelayoutFailed(str(exc))
+            failed.failed_step, failed.run = exc.failed_step, run
+            raise failed from exc
+        for i in stage:
+            run.close(i)
+    stats.seconds["transfer"] = time.perf_counter() - t1
+    stats.predicted_peak_bytes = peak_bytes(run.pieces, cut, rank, release_old) + \
+        stats.staging_bytes
     stats.bytes_kept = sum(run.kept.values())
     stats.peak_bytes = run.peak + stats.staging_bytes
     stats.held_bytes = (run.start, run.held)
@@ -386,10 +397,75 @@ def relayout(
                     dict(run.kept))
 
 
-def _check_params(part: WeightPart, old: Topology, rank: int) -> None:
+class RelayoutFailed(MigrationError):
+    """A transfer with `release_old` failed: `run` is this rank's side of it (what it
+    released, what landed here), for `restore`."""
+
+    run: Any = None
+
+
+def restore(comm: Communicator, failed: RelayoutFailed, *,
+            device: torch.device | str = "cpu", staging_bytes: int = DEFAULT_STAGING_BYTES,
+            staging: torch.Tensor | None = None) -> bool:
+    """Undo a failed in-place relayout, on every rank alike: each piece some rank
+    released is rebuilt under the old layout from the new tensors that received it (a
+    reverse relayout of just those pieces) and put back into the SAME tensor objects,
+    so SGLang's modules and pool hold their data again. Returns False when some layers'
+    KV could not come back (released before a receiver had all of it): the caller must
+    drop the cache. Raises `MigrationError` when a weight could not."""
+    run = failed.run
+    comm.resync()
+    states = comm.agree(None, "restore: what moved", info={
+        "released": sorted(run.pieces[i].name for i in run.released),
+        "complete": sorted(run.pieces[i].name for i in run.complete())})
+    index = {p.name: i for i, p in enumerate(run.pieces)}
+    released = {name for state in states for name in state["released"]}
+    lost = {name for name in released for r, state in enumerate(states)
+            if run.pieces[index[name]].new[r] and name not in state["complete"]}
+    if any(run.pieces[index[name]].layer < 0 for name in lost):
+        raise MigrationError(f"restore: weights {sorted(lost)[:3]} were released before "
+                             "every rank had received them")
+    back = released - lost
+    for name in back:  # a rank that kept its old copy gets it back like the others
+        i = index[name]
+        if i not in run.released and run.pieces[i].old[run.rank]:
+            run.close(i)
+    rev = relayout(
+        comm, run.new, run.old,
+        KVPart(run.kv.shape, run.kv.dtype, run.new_pool, _reversed(run.flows),
+               max(run.old_rows), None, run.kv.reserved_slots) if run.kv else None,
+        WeightPart(run.weights.model, run.weights.dtype, run.new_params)
+        if run.weights else None,
+        device=device, staging_bytes=staging_bytes, staging=staging, release_old=True,
+        only=back)
+    run.put_back(back, rev)
+    run.zero_lost(lost)
+    return not lost
+
+
+def _reversed(flows: Sequence[SlotFlow]) -> list[SlotFlow]:
+    """Flows from the new replicas back to the old: each old slot from one source (a
+    split gave several new replicas the same tokens; the first one returns them)."""
+    seen: dict[int, torch.Tensor] = {}
+    out = []
+    for f in flows:
+        back_to, back_from = f.src_slots.to(torch.int64), f.dst_slots.to(torch.int64)
+        prev = seen.get(f.src_replica)
+        if prev is not None:
+            keep = ~torch.isin(back_to, prev)
+            back_to, back_from = back_to[keep], back_from[keep]
+            seen[f.src_replica] = torch.cat([prev, back_to])
+        else:
+            seen[f.src_replica] = back_to
+        out.append(SlotFlow(f.dst_replica, f.src_replica, back_from, back_to))
+    return out
+
+
+def _check_params(part: WeightPart, old: Topology, rank: int,
+                  only: Collection[str] | None) -> None:
     model, dtype = part.model, part.dtype
     for spec in dense_decoder_params(model):
-        if owns(spec, model, old, rank):
+        if owns(spec, model, old, rank) and (only is None or spec.name in only):
             want = local_shape(spec, model, old, rank)
             have = part.old_params.get(spec.name)
             if have is None or tuple(have.shape) != want or have.dtype != dtype:
@@ -407,7 +483,8 @@ class _Run:
     def __init__(self, rank: int, old: Topology, new: Topology, kv: KVPart | None,
                  weights: WeightPart | None, kv_plan: KVPlan | None, w_plan: Any,
                  flows: list[SlotFlow], old_rows: list[int], device: torch.device,
-                 release_old: bool, fault: FaultHook | None) -> None:
+                 release_old: bool, fault: FaultHook | None,
+                 only: Collection[str] | None = None) -> None:
         self.rank, self.old, self.new, self.kv, self.weights = rank, old, new, kv, weights
         self.kv_plan, self.w_plan, self.device = kv_plan, w_plan, device
         self.release_old, self.fault = release_old, fault
@@ -426,19 +503,34 @@ class _Run:
         if weights is not None:
             self.pieces += weight_pieces(old, new, weights.model)
             self.specs = {spec.name: spec for spec in dense_decoder_params(weights.model)}
-        self.order = _order(tuple(self.pieces))
-        self.start = self.held = self.peak = sum(p.old[rank] for p in self.pieces)
+        self.flows, self.old_rows = flows, old_rows
+        self.order = [i for i in _order(tuple(self.pieces))
+                      if only is None or self.pieces[i].name in only]
+        self.start = self.held = self.peak = sum(self.pieces[i].old[rank] for i in self.order)
+        self.opened: set[int] = set()
+        self.released: set[int] = set()  # pieces whose old tensor this rank let go
+        self.incoming: dict[int, int] = {}  # items still to land per opened piece
         self.sent: dict[str, int] = {"kv": 0, "weights": 0}
         self.kept: dict[str, int] = {"kv": 0, "weights": 0}
 
     # ------------------------------------------------------------------ open and close
-    def act(self, action: str, i: int) -> None:
-        if action in ("open", "inline"):
-            self._open(i)
-        if action in ("close", "inline"):
-            self._close(i)
+    def expect(self, items: list[Item]) -> None:
+        """Count the items that will land here, per piece (`complete`)."""
+        for it in items:
+            if it.dst == self.rank:
+                self.incoming[it.piece] = self.incoming.get(it.piece, 0) + 1
 
-    def _open(self, i: int) -> None:
+    def landed(self, i: int) -> None:
+        self.incoming[i] -= 1
+
+    def complete(self) -> set[int]:
+        """Pieces whose new tensor on this rank holds all its data (or that it lacks)."""
+        return {i for i in self.order if not self.pieces[i].new[self.rank]
+                or (i in self.opened and not self.incoming.get(i))}
+
+    def open(self, i: int) -> None:
+        """Allocate piece i's new tensor here and copy the slices this rank keeps."""
+        self.opened.add(i)
         piece = self.pieces[i]
         if piece.layer >= 0:
             self._open_kv(piece.layer)
@@ -447,7 +539,37 @@ class _Run:
         self.held += self.pieces[i].new[self.rank]
         self.peak = max(self.peak, self.held)
 
-    def _close(self, i: int) -> None:
+    def put_back(self, names: Collection[str], rev: Relayout) -> None:
+        """The restored tensors into the old objects (`restore`)."""
+        with torch.no_grad():
+            for i in self.order:
+                piece = self.pieces[i]
+                if piece.name not in names or not piece.old[self.rank]:
+                    continue
+                if piece.layer >= 0:
+                    j = self._local_layer(self.old, piece.layer)
+                    self.kv.old_pool.k[j].set_(rev.pool.k[j])
+                    self.kv.old_pool.v[j].set_(rev.pool.v[j])
+                else:
+                    self.weights.old_params[piece.name].set_(rev.params[piece.name])
+
+    def zero_lost(self, names: Collection[str]) -> None:
+        """KV layers that could not come back hold zeros again (the cache is dropped)."""
+        s = self.kv.shape if self.kv else None
+        for i in self.order:
+            piece = self.pieces[i]
+            if piece.name not in names or i not in self.released:
+                continue
+            j = self._local_layer(self.old, piece.layer)
+            heads = len(self.old.kv_head_range(self.rank, s.num_kv_heads))
+            both = torch.zeros(2, self.old_rows[self.rank], heads, s.head_dim,
+                               dtype=self.kv.dtype, device=self.device)
+            with torch.no_grad():
+                self.kv.old_pool.k[j].set_(both[0])
+                self.kv.old_pool.v[j].set_(both[1])
+
+    def close(self, i: int) -> None:
+        """Release piece i's old tensor here (with `release_old`)."""
         if not self.release_old:
             return
         piece = self.pieces[i]
@@ -457,6 +579,7 @@ class _Run:
                 release(self.kv.old_pool.k[j], self.kv.old_pool.v[j])
             else:
                 release(self.weights.old_params[piece.name])
+            self.released.add(i)
         self.held -= piece.old[self.rank]
 
     def _open_kv(self, layer: int) -> None:
@@ -531,6 +654,7 @@ class _Run:
                                [pool.v[j]], dst,
                                head_begin=self.kv_plan.local_head(self.new, self.rank,
                                                                   m.heads.start))
+            self.landed(t.piece)
 
         return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
 
@@ -547,6 +671,7 @@ class _Run:
         def unpack(view: torch.Tensor) -> None:
             dst = self.new_params[m.name].narrow(dim, m.dst_local + t.a, t.b - t.a)
             dst.copy_(view.view(dst.dtype).view(dst.shape))
+            self.landed(t.piece)
 
         return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
 
@@ -573,6 +698,6 @@ def _order(pieces: tuple[Piece, ...]) -> list[int]:
 
 __all__ = [
     "CapacityError", "KVMigration", "KVPart", "KVPool", "MigrationStats", "Relayout",
-    "WeightPart", "WeightReshard", "migrate_kv", "migrate_kv_flows", "release", "relayout",
-    "remap_slots", "reshard_weights",
+    "RelayoutFailed", "WeightPart", "WeightReshard", "migrate_kv", "migrate_kv_flows",
+    "release", "relayout", "remap_slots", "reshard_weights", "restore",
 ]

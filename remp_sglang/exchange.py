@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -29,7 +28,7 @@ class Item:
     nbytes: int
     pack: Callable[[torch.Tensor], None]  # called on src with a uint8 view of nbytes
     unpack: Callable[[torch.Tensor], None]  # called on dst with a uint8 view of nbytes
-    piece: int = -1  # the tensor it belongs to (`pieces.py`), for the caller's hooks
+    piece: int = -1  # the tensor it belongs to (`pieces.py`), for the caller's accounts
 
     @property
     def padded(self) -> int:
@@ -45,39 +44,24 @@ class ExchangeStats:
     seconds: float = 0.0
 
 
-def schedule_rounds(items: Sequence[Any], round_bytes: int,
-                    opened: Sequence[Sequence[int]] | None = None) -> list[list[Any]]:
-    """Greedy, order-preserving split so no rank moves more than round_bytes per round.
-
-    Items need `src`, `dst`, `nbytes` (and `piece` with `opened`). `opened[p][r]`: what
-    rank r allocates when it first touches piece p (`pieces.py`); a round also ends
-    before the pieces it opens would pass round_bytes on a rank (a larger piece opens
-    in a round of its own), so memory grows by a bounded step per round."""
-    rounds: list[list[Any]] = []
+def schedule_rounds(items: Sequence[Item], round_bytes: int) -> list[list[Item]]:
+    """Greedy, order-preserving split so no rank moves more than round_bytes per round."""
+    rounds: list[list[Item]] = []
     load: dict[int, int] = defaultdict(int)
-    opening: dict[int, int] = defaultdict(int)
-    seen: set[tuple[int, int]] = set()
     for item in items:
-        padded = -(-item.nbytes // ALIGN) * ALIGN
-        if padded > round_bytes:
+        if item.padded > round_bytes:
             raise ValueError(
                 f"staging_bytes too small: an item of {item.nbytes} B exceeds the "
                 f"{round_bytes} B half-budget"
             )
-        new = [(r, opened[item.piece][r]) for r in {item.src, item.dst}
-               if (item.piece, r) not in seen] if opened is not None else []
-        if not rounds or load[item.src] + padded > round_bytes or (
-            load[item.dst] + padded > round_bytes
-        ) or any(opening[r] and opening[r] + b > round_bytes for r, b in new):
+        if not rounds or load[item.src] + item.padded > round_bytes or (
+            load[item.dst] + item.padded > round_bytes
+        ):
             rounds.append([])
             load.clear()
-            opening.clear()
         rounds[-1].append(item)
-        load[item.src] += padded
-        load[item.dst] += padded
-        for r, b in new:
-            seen.add((item.piece, r))
-            opening[r] += b
+        load[item.src] += item.padded
+        load[item.dst] += item.padded
     return rounds
 
 
@@ -107,20 +91,14 @@ def run_exchange(
     staging_bytes: int,
     device: torch.device,
     staging: torch.Tensor | None = None,
-    rounds: list[list[Item]] | None = None,
-    on_round: Callable[[str, int], None] | None = None,
 ) -> ExchangeStats:
     """Move every item; raises on the first failure or when a round exceeds the timeout.
 
     `staging` (uint8, at least staging_bytes) is reused if given: a server keeps one so
     no reshape pays for fresh pages; otherwise the halves are allocated as needed.
-    `rounds`: `schedule_rounds(items, staging_bytes // 2)` if the caller made it already.
-    `on_round(event, k)`: "pack" before round k is packed, "done" once it is unpacked
-    (round k + 1 is packed before round k is waited for).
     """
     stats = ExchangeStats()
-    if rounds is None:
-        rounds = schedule_rounds(items, staging_bytes // 2)
+    rounds = schedule_rounds(items, staging_bytes // 2)
     stats.rounds = len(rounds)
     layouts = [_layout(r, comm.rank) for r in rounds]
     half = max((lay[3] for lay in layouts), default=0)
@@ -134,11 +112,9 @@ def run_exchange(
         halves = []
     stats.staging_bytes = 2 * half
     start = time.perf_counter()
-    pending: tuple[list, list, torch.Tensor, int] | None = None
+    pending: tuple[list, list, torch.Tensor] | None = None
     for i, (sends, recvs, placed, _) in enumerate(layouts):
         buf = halves[i % 2] if halves else torch.empty(0, dtype=torch.uint8)
-        if on_round:
-            on_round("pack", i)
         for it, off, outgoing in placed:
             if outgoing:
                 it.pack(buf[off : off + it.nbytes])
@@ -149,22 +125,19 @@ def run_exchange(
             tag=comm.next_tag(),
         )
         if pending is not None:
-            _finish(comm, pending, stats, on_round)
-        pending = (works, placed, buf, i)
+            _finish(comm, pending, stats)
+        pending = (works, placed, buf)
     if pending is not None:
-        _finish(comm, pending, stats, on_round)
+        _finish(comm, pending, stats)
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _finish(comm: Communicator, pending, stats: ExchangeStats,
-            on_round: Callable[[str, int], None] | None) -> None:
+def _finish(comm: Communicator, pending, stats: ExchangeStats) -> None:
     """Wait for one round (bounded by the communicator's timeout) and unpack it."""
-    works, placed, buf, i = pending
+    works, placed, buf = pending
     comm.wait(works, time.monotonic() + comm.timeout_s)
     for it, off, outgoing in placed:
         if not outgoing:
             it.unpack(buf[off : off + it.nbytes])
             stats.bytes_received += it.nbytes
-    if on_round:
-        on_round("done", i)

@@ -2,17 +2,17 @@
 
 A reshape replaces *pieces*: each layer's KV (K and V, one allocation as SGLang makes
 it) and each weight tensor. On a rank, a piece holds `old` bytes under the old layout
-and `new` bytes under the new one (0 where the rank has none). A rank *opens* a piece
-(allocates its new tensor and copies the slices it keeps) just before the piece's data
-reaches it and *closes* it (releases the old tensor) once that data has left. So at any
-moment a rank holds the old pieces it has not closed and the new ones it has opened,
-never a second pool or a second weight set: its memory moves from its old total to its
-new one, plus the pieces open at that moment.
+and `new` bytes under the new one (0 where the rank has none). Pieces go in *stages*:
+every rank allocates the new tensors of a stage's pieces (copying the slices it keeps),
+the stage's data moves in one exchange, every rank confirms it landed (an agreement),
+and only then are the stage's old tensors released. So at any moment a rank holds the
+old pieces of the stages still to come and the new ones of the stages done, plus one
+stage: never a second pool or a second weight set. And a failure leaves every released
+piece complete on its new holders, so the old layout can be rebuilt from them.
 
-Pure functions (no torch): `order_pieces` picks the order, `Uses` says in which transfer
-rounds a rank touches each piece, and `peak_bytes` replays the engine's open/close
-sequence for one rank, so the engine's own accounting can be checked against it and the
-bound tested exhaustively.
+Pure functions (no torch): `order_pieces` picks the order, `stages` cuts it, and
+`peak_bytes` replays a rank's memory so the engine's own accounting can be checked
+against it and `bound` tested over every pair of layouts.
 """
 
 from __future__ import annotations
@@ -172,89 +172,44 @@ def order_pieces(pieces: Sequence[Piece]) -> list[int]:
     return order
 
 
-@dataclass(frozen=True)
-class Uses:
-    """When one rank touches each piece during the transfer rounds: `first[i]` and
-    `last[i]` are the rounds of its first and last item of piece i, or -1 when it moves
-    none of piece i (then the piece is opened and closed at once, at `slot[i]`: the
-    first round holding an item of this or a later piece in the order, so it takes its
-    place in the order)."""
-
-    first: tuple[int, ...]
-    last: tuple[int, ...]
-    slot: tuple[int, ...]
-    rounds: int
-
-
-def uses(order: Sequence[int], item_pieces: Sequence[Sequence[tuple[int, bool]]],
-         num_pieces: int) -> Uses:
-    """`item_pieces[k]`: (piece, mine) for every item of round k, `mine` when this rank
-    sends or receives it."""
-    first, last = [-1] * num_pieces, [-1] * num_pieces
-    global_first = [len(item_pieces)] * num_pieces
-    for k, items in enumerate(item_pieces):
-        for piece, mine in items:
-            global_first[piece] = min(global_first[piece], k)
-            if mine:
-                first[piece] = k if first[piece] < 0 else first[piece]
-                last[piece] = k
-    slot = [0] * num_pieces
-    upcoming = len(item_pieces)
-    for i in reversed(order):
-        upcoming = min(upcoming, global_first[i])
-        slot[i] = upcoming
-    return Uses(tuple(first), tuple(last), tuple(slot), len(item_pieces))
-
-
-def steps(order: Sequence[int], use: Uses) -> list[tuple[str, int, int]]:
-    """The engine's sequence on one rank, as (action, round, piece): before round k is
-    packed, its pieces are opened in the order ("open"; a piece this rank moves none of
-    is opened and closed at once, "inline"); after round k is waited for (which is
-    after round k + 1 was packed: two rounds are in flight), the pieces whose last item
-    it held are closed ("close"); pieces placed after the last round come last."""
-    opening: list[list[tuple[str, int, int]]] = [[] for _ in range(use.rounds + 1)]
-    closing: list[list[tuple[str, int, int]]] = [[] for _ in range(use.rounds)]
+def stages(pieces: Sequence[Piece], order: Sequence[int], budget: int) -> list[list[int]]:
+    """`order` cut into consecutive stages: a stage ends before a piece whose new tensor
+    would take some rank's allocations in the stage past `budget` (a larger piece
+    makes a stage of its own)."""
+    out: list[list[int]] = []
+    opened: list[int] = []
     for i in order:
-        if use.first[i] < 0:
-            opening[use.slot[i]].append(("inline", use.slot[i], i))
-        else:
-            opening[use.first[i]].append(("open", use.first[i], i))
-            closing[use.last[i]].append(("close", use.last[i], i))
-    out: list[tuple[str, int, int]] = []
-    for k in range(use.rounds):
-        out.extend(opening[k])
-        if k >= 1:
-            out.extend(closing[k - 1])
-    if use.rounds:
-        out.extend(closing[use.rounds - 1])
-    out.extend(opening[use.rounds])
+        p = pieces[i]
+        if not out or any(o and o + n > budget for o, n in zip(opened, p.new, strict=True)):
+            out.append([])
+            opened = [0] * len(p.new)
+        out[-1].append(i)
+        opened = [o + n for o, n in zip(opened, p.new, strict=True)]
     return out
 
 
-def peak_bytes(pieces: Sequence[Piece], order: Sequence[int], use: Uses, rank: int,
+def peak_bytes(pieces: Sequence[Piece], cut: Sequence[Sequence[int]], rank: int,
                release: bool = True) -> int:
-    """The most this rank holds at once (old pieces not closed + new pieces opened),
-    replaying `steps`; without `release` no old piece goes before the end."""
-    held = sum(p.old[rank] for p in pieces)
+    """The most this rank holds at once: before a stage moves, the old pieces of the
+    stages to come and the new ones of the stages done and of this one (only the
+    pieces in `cut` take part; without `release` no old piece goes before the end)."""
+    held = sum(pieces[i].old[rank] for stage in cut for i in stage)
     peak = held
-    for action, _, i in steps(order, use):
-        p = pieces[i]
-        if action in ("open", "inline"):
-            held += p.new[rank]
-            peak = max(peak, held)
-        if release and action in ("close", "inline"):
-            held -= p.old[rank]
+    for stage in cut:
+        held += sum(pieces[i].new[rank] for i in stage)
+        peak = max(peak, held)
+        if release:
+            held -= sum(pieces[i].old[rank] for i in stage)
     return peak
 
 
-def bound(pieces: Sequence[Piece], rank: int, half_bytes: int) -> int:
-    """What a rank may hold at most while its pieces are replaced (staging apart): the
-    larger of its old and new totals, plus the largest old and new pieces (the order
-    cannot always release before it must allocate) plus two rounds of opened pieces
-    (each round opens at most `half_bytes` per rank, or one larger piece)."""
+def bound(pieces: Sequence[Piece], rank: int, budget: int) -> int:
+    """What a rank may hold at most while its pieces are replaced in stages of `budget`
+    (staging apart): the larger of its old and new totals, plus the largest old and new
+    pieces (the order cannot always release before it must allocate), plus one stage."""
     if not pieces:
         return 0
     old, new = totals(pieces, len(pieces[0].old))
     big_old = max(max(p.old) for p in pieces)
     big_new = max(max(p.new) for p in pieces)
-    return max(old[rank], new[rank]) + big_old + big_new + 2 * max(half_bytes, big_new)
+    return max(old[rank], new[rank]) + big_old + big_new + max(budget, big_new)

@@ -1,10 +1,11 @@
 """Replacing a reshape's pieces in place: the order, the schedule and each rank's memory.
 
-Pure: over every pair of layouts of 1-8 ranks (replicas too), both a nearly empty and a
-nearly full cache, and two staging sizes, the most any rank holds while the engine
-replaces its pieces stays within `pieces.bound`. Engine: on gloo worlds of 2 and 4
-processes, `relayout(release_old=True)` gives bit-exact KV and weights, releases every
-old tensor, and its own byte accounting equals the plan's replay.
+Pure: over every pair of layouts of 1-8 ranks (replicas too) and two stage budgets,
+the most any rank holds while the engine replaces its pieces stays within
+`pieces.bound`. Engine: on gloo worlds of 2 and 4 processes, `relayout(release_old=True)`
+gives bit-exact KV and weights, releases every old tensor, and its own byte accounting
+equals the plan's replay; a rank failing at any point of the transfer leaves every
+rank able to `restore` its old weights and live KV, bit-exact, in the same objects.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from test_engine import MODEL, OLD_SLOTS, SHAPES, full_pool, run_world, shard_po
 
 from remp_sglang.comm import Communicator
 from remp_sglang.engine import KVPart, SlotFlow, WeightPart, relayout
-from remp_sglang.exchange import schedule_rounds
 from remp_sglang.memory import kv_capacity, launch_budgets
 from remp_sglang.pieces import (
     Piece,
@@ -26,35 +26,23 @@ from remp_sglang.pieces import (
     kv_pieces,
     order_pieces,
     peak_bytes,
+    stages,
     totals,
-    transfers,
-    uses,
     weight_pieces,
 )
-from remp_sglang.planner import plan_kv
-from remp_sglang.topology import ModelShape, Topology, layouts, replica_sources
-from remp_sglang.weights import DenseDecoder, plan_weights
+from remp_sglang.topology import ModelShape, Topology, layouts
+from remp_sglang.weights import DenseDecoder
 
 KV = ModelShape(num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64, dtype_bytes=2)
 LLAMA = DenseDecoder(KV, hidden_size=512, intermediate_size=1408, vocab_size=4000)
 
 
-def flows_of(old: Topology, new: Topology) -> list[tuple[int, int]]:
-    return [(a, b) for b, sources in enumerate(replica_sources(old, new)) for a in sources]
-
-
-def peaks(old: Topology, new: Topology, live: int, half: int, rows: tuple[int, int]):
+def peaks(old: Topology, new: Topology, budget: int, rows: tuple[int, int]):
     pieces = kv_pieces(old, new, KV, [rows[0]] * old.world_size, rows[1]) + weight_pieces(
         old, new, LLAMA)
-    order = order_pieces(pieces)
-    pairs = flows_of(old, new)
-    plan = transfers(pieces, order, half, plan_kv(old, new, KV, pairs), [live] * len(pairs),
-                     plan_weights(old, new, LLAMA))
-    rounds = schedule_rounds(plan, half, [p.new for p in pieces])
+    cut = stages(pieces, order_pieces(pieces), budget)
     for r in range(old.world_size):
-        use = uses(order, [[(t.piece, r in (t.src, t.dst)) for t in rd] for rd in rounds],
-                   len(pieces))
-        yield r, pieces, peak_bytes(pieces, order, use, r)
+        yield r, pieces, peak_bytes(pieces, cut, r)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -68,37 +56,37 @@ def test_no_rank_holds_more_than_the_bound(world):
                          for t in (old, new))
         except ValueError:  # a layout whose weights alone exceed a rank's budget
             continue
-        for fraction, half in itertools.product((0.05, 0.9), (1 << 16, 1 << 20)):
-            live = int(min(rows) * fraction)
-            for r, pieces, peak in peaks(old, new, live, half, rows):
-                assert peak <= bound(pieces, r, half), (old, new, r, fraction, half)
+        for budget in (1 << 16, 1 << 22):
+            for r, pieces, peak in peaks(old, new, budget, rows):
+                assert peak <= bound(pieces, r, budget), (old, new, r, budget)
                 checked += 1
     assert checked > 0
 
 
 def test_a_pipeline_swap_alternates_pieces():
     """TP2 -> PP2 on 2 ranks: each layer grows on one rank and shrinks on the other. The
-    order alternates them, so a rank's memory stays within its total plus two layers;
-    in layer order the rank keeping the first layers would gain half its pool first."""
+    order alternates them, so a rank's memory stays within its total plus one new layer;
+    in layer order the rank keeping the first layers would gain two and a half first."""
     old, new = Topology(2, 1, 2), Topology(1, 2, 2)
     pieces = kv_pieces(old, new, KV, [1000, 1000], 1000)
     layer = max(max(p.new) for p in pieces)
     start = totals(pieces, 2)[0][0]
 
     def peak(order: list[int]) -> int:
-        return peak_bytes(pieces, order, uses(order, [[(i, True)] for i in order], 8), 0)
+        return peak_bytes(pieces, [[i] for i in order], 0)
 
-    assert peak(order_pieces(pieces)) <= start + 2 * layer
+    assert peak(order_pieces(pieces)) <= start + layer
     assert peak(list(range(8))) >= start + 2.5 * layer
 
 
-def test_peak_replays_open_and_close():
-    """Two pieces in two rounds: the second opens before the first closes (two rounds
-    are in flight), so the peak holds both new tensors and the first old one."""
-    pieces = [Piece("a", (10,), (4,)), Piece("b", (10,), (4,))]
-    use = uses([0, 1], [[(0, True)], [(1, True)]], 2)
-    assert peak_bytes(pieces, [0, 1], use, 0) == 20 + 4 + 4
-    assert peak_bytes(pieces, [0, 1], use, 0, release=False) == 28
+def test_stages_and_their_peak():
+    """Three pieces, a budget of two new tensors: two stages. A stage allocates all its
+    new tensors before its old ones go."""
+    pieces = [Piece(n, (10,), (4,)) for n in "abc"]
+    cut = stages(pieces, [0, 1, 2], budget=8)
+    assert cut == [[0, 1], [2]]
+    assert peak_bytes(pieces, cut, 0) == 30 + 8
+    assert peak_bytes(pieces, cut, 0, release=False) == 30 + 12
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,3 +137,63 @@ def _in_place_world(rank: int, world: int, port: int, errors) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_relayout_in_place_is_exact_and_releases_the_old(world):
     run_world(_in_place_world, world)
+
+
+def _restore_world(rank: int, world: int, port: int, errors) -> None:
+    """A rank fails at its n-th pack of an in-place relayout; `restore` gives every rank
+    its old weights and live KV back, bit-exact, in the same objects."""
+    try:
+        from test_engine import full_weights
+
+        from remp_sglang.comm import MigrationError
+        from remp_sglang.engine import RelayoutFailed, restore
+
+        comm = Communicator.gloo("127.0.0.1", port, rank, world, timeout_s=30)
+        shape = SHAPES["gqa"]
+        full_k, full_v = full_pool(shape, seed=5)
+        full = full_weights()
+        live = torch.arange(1, 21)
+        cases = [(old, new) for old, new in itertools.product(layouts(world, shape), repeat=2)
+                 if old != new]
+        for (old, new), nth in itertools.product(cases, (1, 4, 40)):
+            pool = shard_pool(full_k, full_v, old, rank, shape)
+            params = shard_weights(full, old, rank)
+            saved = ({k: t.clone() for k, t in params.items()},
+                     [t.clone() for t in pool.k + pool.v] if pool else [])
+            objects = (dict(params), list(pool.k + pool.v) if pool else [])
+            packs = [0]
+
+            def fault(step: str, r: int, packs=packs, nth=nth) -> None:
+                if step == "gather" and r == world - 1:
+                    packs[0] += 1
+                    if packs[0] == nth:
+                        raise RuntimeError("injected")
+
+            try:
+                relayout(comm, old, new,
+                         KVPart(shape, torch.float32, pool, [SlotFlow(0, 0, live)],
+                                OLD_SLOTS),
+                         WeightPart(MODEL, torch.float32, params),
+                         staging_bytes=1 << 12, release_old=True, fault=fault)
+                continue  # the failing rank packed fewer than nth items: nothing failed
+            except RelayoutFailed as failed:
+                whole = restore(comm, failed, staging_bytes=1 << 12)
+            except MigrationError as exc:
+                raise AssertionError("an in-place relayout must fail with its state") from exc
+            for key, t in objects[0].items():
+                assert t is params[key] and torch.equal(t, saved[0][key]), (old, new, key)
+            for t, want in zip(objects[1], saved[1], strict=True):
+                if whole:  # the live slots (the rest of a pool holds nothing)
+                    assert torch.equal(t[live], want[live]), (old, new, nth)
+                else:  # KV lost: the layer is back in shape, the caller drops the cache
+                    assert t.shape == want.shape
+        comm.close()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_failed_in_place_relayout_is_restored(world):
+    run_world(_restore_world, world)
