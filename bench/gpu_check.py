@@ -11,9 +11,10 @@ device machine). In order, each step timed and recorded:
    ranges, odd slot patterns);
 3. kernel benchmark: ``bench/kernels.py --device cuda`` (achieved bandwidth against a
    device-to-device copy of the same bytes, measured in the same run);
-4. engine, world 1, CUDA pools: ``migrate_kv`` with slot compaction and
-   ``reshard_weights``, staging on the device; values checked, and the device's peak
-   allocation during the call against its bound (the new pool + the staging area);
+4. engine, world 1, CUDA pools: ``relayout`` in place (KV with slot compaction and
+   weights together, old tensors released as they move), staging on the device; values
+   checked, and the device's peak allocation during the call against the plan's bound
+   (``pieces.bound``: the larger total, the largest pieces and one stage);
 5. world 2 on the one GPU: NCCL refuses two ranks on one device, so the NCCL plane
    (``remp_sglang.comm``) is tried and the outcome reported, not assumed.
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from remp_sglang import _ext, kernels, kernels_ref  # noqa: E402
 from remp_sglang.comm import Communicator  # noqa: E402
-from remp_sglang.engine import KVPool, migrate_kv, reshard_weights  # noqa: E402
+from remp_sglang.engine import KVPart, KVPool, SlotFlow, WeightPart, relayout  # noqa: E402
 from remp_sglang.topology import ModelShape, Topology  # noqa: E402
 from remp_sglang.weights import DenseDecoder, dense_decoder_params, local_shape  # noqa: E402
 
@@ -133,7 +134,9 @@ def step_bench(out: Path, quick: bool) -> dict:
 
 
 def step_engine(device: torch.device, quick: bool) -> dict:
-    """World 1 on `device`: the engine's local paths with the pools and staging there."""
+    """World 1 on `device`: the engine's in-place relayout of KV and weights together
+    (pools, staging and transfers there), slots compacted into a smaller pool; values
+    checked, and the device's peak allocation during the call against the plan's bound."""
     shape = ModelShape(num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
     slots = 2048 if quick else 16384
     dtype, staging = torch.bfloat16, 64 << 20
@@ -146,32 +149,38 @@ def step_engine(device: torch.device, quick: bool) -> dict:
         live = torch.randperm(slots - 1, generator=torch.Generator().manual_seed(5))[
             : slots // 2] + 1
         new_slots = slots // 2 + 1  # smaller pool: every live slot is compacted
+        model = DenseDecoder(ModelShape(4, 16, 4, 64), 1024, 2816, 8000)
+        params = {s.name: torch.randn(local_shape(s, model, topo, 0)).to(dtype).to(device)
+                  for s in dense_decoder_params(model)}
+        want_kv = [t[live.to(device)].clone() for t in old.k + old.v]
+        want_w = {n: t.clone() for n, t in params.items()}
         area = torch.empty(staging, dtype=torch.uint8, device=device)
         _sync(device)
         base = _reset_peak(device)
         t = time.perf_counter()
-        res = migrate_kv(comm, topo, topo, shape, old, live, new_slots, dtype=dtype,
-                         device=device, staging_bytes=staging, staging=area)
+        res = relayout(comm, topo, topo,
+                       KVPart(shape, dtype, old, [SlotFlow(0, 0, live)], new_slots),
+                       WeightPart(model, dtype, params), device=device,
+                       staging_bytes=staging, staging=area, release_old=True)
         _sync(device)
         seconds = time.perf_counter() - t
         peak = _peak(device) - base
         moved = res.new_slots.to(device)
-        exact = all(torch.equal(a[live.to(device)], b[moved])
-                    for a, b in zip(old.k + old.v, res.pool.k + res.pool.v,
-                                    strict=True))
-        bound = res.pool.nbytes + staging
-        model = DenseDecoder(ModelShape(4, 16, 4, 64), 1024, 2816, 8000)
-        params = {s.name: torch.randn(local_shape(s, model, topo, 0)).to(dtype).to(device)
-                  for s in dense_decoder_params(model)}
-        w = reshard_weights(comm, topo, topo, model, params, dtype=dtype, device=device,
-                            staging_bytes=staging, staging=area)
-        weights_exact = all(torch.equal(params[n], w.params[n]) for n in params)
-        return {"ok": exact and weights_exact and (device.type != "cuda" or peak <= bound),
-                "kv_exact": exact, "weights_exact": weights_exact, "live_slots": len(live),
-                "pool_bytes": old.nbytes, "new_pool_bytes": res.pool.nbytes,
-                "staging_bytes": staging, "seconds": round(seconds, 4),
-                "peak_bytes_during_call": peak if device.type == "cuda" else None,
-                "bound_bytes": bound}
+        exact = all(torch.equal(a, b[moved])
+                    for a, b in zip(want_kv, res.pool.k + res.pool.v, strict=True))
+        weights_exact = all(torch.equal(want_w[n], res.params[n]) for n in want_w)
+        released = all(t.numel() == 0 for t in old.k + old.v + list(params.values()))
+        s = res.stats
+        allowed = s.bound_bytes - s.held_bytes[0] - staging  # the area is in `base`
+        return {"ok": exact and weights_exact and released
+                and (device.type != "cuda" or peak <= allowed),
+                "kv_exact": exact, "weights_exact": weights_exact, "old_released": released,
+                "live_slots": len(live), "held_before_bytes": s.held_bytes[0],
+                "held_after_bytes": s.held_bytes[1], "staging_bytes": staging,
+                "seconds": round(seconds, 4), "counted_peak_bytes": s.peak_bytes,
+                "bound_bytes": s.bound_bytes,
+                "device_peak_above_start_bytes": peak if device.type == "cuda" else None,
+                "allowed_above_start_bytes": allowed}
     finally:
         comm.close()
 

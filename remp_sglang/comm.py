@@ -99,6 +99,7 @@ class Communicator:
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict, repr=False)
     _epoch: int = field(default=0, repr=False)
     dirty: bool = False  # a wait was given up on: renew the group before the next use
+    patient: bool = False  # a rollback: wait for a silent peer until the deadline
     _generation: int = field(default=0, repr=False)
     _retired: list = field(default_factory=list, repr=False)
     _nccl: Any = field(default=None, repr=False)  # the CUDA data group, once made
@@ -351,7 +352,7 @@ class Communicator:
     def _raise_if_hopeless(self, bound: float) -> None:
         if time.time() > bound:
             raise MigrationError("transfer exceeded the reshape's deadline")
-        stalled = self.stalled_peers()
+        stalled = [] if self.patient else self.stalled_peers()
         if stalled:
             raise MigrationError(f"rank(s) {stalled} stopped answering during a transfer")
         if self.store is None:
@@ -386,7 +387,7 @@ class Communicator:
                 "where": where}
         self.store.set(f"{key}/vote/{self.rank}", json.dumps(vote))
         if self.rank == 0:
-            decision = self._decide(key, step, patient)
+            decision = self._decide(key, step, patient or self.patient)
             self.store.set(f"{key}/decision", json.dumps(decision))
         else:
             decision = self._await_decision(key, step)

@@ -27,6 +27,7 @@ from .exchange import Item, run_exchange
 from .pieces import (
     Piece,
     Transfer,
+    bound,
     kv_pieces,
     order_pieces,
     peak_bytes,
@@ -84,6 +85,7 @@ class MigrationStats:
     staging_bytes: int = 0
     peak_bytes: int = 0  # most held at once on this rank: open pieces + staging
     predicted_peak_bytes: int = 0  # the same, replayed from the plan (`pieces.peak_bytes`)
+    bound_bytes: int = 0  # what it may reach (`pieces.bound`) + staging
     held_bytes: tuple[int, int] = (0, 0)  # this rank's pieces before and after
     lower_bound_bytes: int = 0  # the busiest rank's max(sent, received), from the plan
     seconds: dict[str, float] = field(default_factory=dict)
@@ -278,6 +280,7 @@ class Relayout:
     stats: MigrationStats
     bytes_sent: dict[str, int] = field(default_factory=dict)  # per part: "kv", "weights"
     bytes_kept: dict[str, int] = field(default_factory=dict)  # copied locally, per part
+    run: Any = field(default=None, repr=False)  # this rank's side, for `restore`
 
 
 def release(*tensors: torch.Tensor) -> None:
@@ -384,6 +387,8 @@ def relayout(
     stats.seconds["transfer"] = time.perf_counter() - t1
     stats.predicted_peak_bytes = peak_bytes(run.pieces, cut, rank, release_old) + \
         stats.staging_bytes
+    stats.bound_bytes = bound([run.pieces[i] for i in run.order], rank,
+                              stage_bytes or staging_bytes) + stats.staging_bytes
     stats.bytes_kept = sum(run.kept.values())
     stats.peak_bytes = run.peak + stats.staging_bytes
     stats.held_bytes = (run.start, run.held)
@@ -394,7 +399,7 @@ def relayout(
                     for r, f in zip(remapped, flows, strict=True))
     pool = run.new_pool if kv is not None and new.is_active(rank) else None
     return Relayout(run.new_params, pool, new_slots, compacted, stats, dict(run.sent),
-                    dict(run.kept))
+                    dict(run.kept), run)
 
 
 class RelayoutFailed(MigrationError):
@@ -404,28 +409,35 @@ class RelayoutFailed(MigrationError):
     run: Any = None
 
 
-def restore(comm: Communicator, failed: RelayoutFailed, *,
+def restore(comm: Communicator, moved: Relayout | RelayoutFailed, *,
             device: torch.device | str = "cpu", staging_bytes: int = DEFAULT_STAGING_BYTES,
-            staging: torch.Tensor | None = None) -> bool:
-    """Undo a failed in-place relayout, on every rank alike: each piece some rank
-    released is rebuilt under the old layout from the new tensors that received it (a
-    reverse relayout of just those pieces) and put back into the SAME tensor objects,
-    so SGLang's modules and pool hold their data again. Returns False when some layers'
-    KV could not come back (released before a receiver had all of it): the caller must
-    drop the cache. Raises `MigrationError` when a weight could not."""
-    run = failed.run
+            staging: torch.Tensor | None = None) -> None:
+    """Undo an in-place relayout, done or failed, on every rank alike: each piece some
+    rank released is rebuilt under the old layout from the new tensors that received it
+    (a reverse relayout of just those pieces) and put back into the SAME tensor objects,
+    so SGLang's modules and pool hold their data again. Raises `MigrationError` if a
+    released piece is not complete on its new holders (stages make that impossible
+    while every rank lives). Waits for every rank until the deadline, however silent."""
+    comm.patient = True  # a rank that stopped answering may be back before the deadline
+    try:
+        _restore(comm, moved.run, device, staging_bytes, staging)
+    finally:
+        comm.patient = False
+
+
+def _restore(comm: Communicator, run: _Run, device: torch.device | str, staging_bytes: int,
+             staging: torch.Tensor | None) -> None:
     comm.resync()
     states = comm.agree(None, "restore: what moved", info={
         "released": sorted(run.pieces[i].name for i in run.released),
         "complete": sorted(run.pieces[i].name for i in run.complete())})
     index = {p.name: i for i, p in enumerate(run.pieces)}
-    released = {name for state in states for name in state["released"]}
-    lost = {name for name in released for r, state in enumerate(states)
-            if run.pieces[index[name]].new[r] and name not in state["complete"]}
-    if any(run.pieces[index[name]].layer < 0 for name in lost):
-        raise MigrationError(f"restore: weights {sorted(lost)[:3]} were released before "
-                             "every rank had received them")
-    back = released - lost
+    back = {name for state in states for name in state["released"]}
+    lost = sorted(name for name in back for r, state in enumerate(states)
+                  if run.pieces[index[name]].new[r] and name not in state["complete"])
+    if lost:
+        raise MigrationError(f"restore: {lost[:3]} were released before every rank had "
+                             "received them")
     for name in back:  # a rank that kept its old copy gets it back like the others
         i = index[name]
         if i not in run.released and run.pieces[i].old[run.rank]:
@@ -439,8 +451,6 @@ def restore(comm: Communicator, failed: RelayoutFailed, *,
         device=device, staging_bytes=staging_bytes, staging=staging, release_old=True,
         only=back)
     run.put_back(back, rev)
-    run.zero_lost(lost)
-    return not lost
 
 
 def _reversed(flows: Sequence[SlotFlow]) -> list[SlotFlow]:
@@ -552,21 +562,6 @@ class _Run:
                     self.kv.old_pool.v[j].set_(rev.pool.v[j])
                 else:
                     self.weights.old_params[piece.name].set_(rev.params[piece.name])
-
-    def zero_lost(self, names: Collection[str]) -> None:
-        """KV layers that could not come back hold zeros again (the cache is dropped)."""
-        s = self.kv.shape if self.kv else None
-        for i in self.order:
-            piece = self.pieces[i]
-            if piece.name not in names or i not in self.released:
-                continue
-            j = self._local_layer(self.old, piece.layer)
-            heads = len(self.old.kv_head_range(self.rank, s.num_kv_heads))
-            both = torch.zeros(2, self.old_rows[self.rank], heads, s.head_dim,
-                               dtype=self.kv.dtype, device=self.device)
-            with torch.no_grad():
-                self.kv.old_pool.k[j].set_(both[0])
-                self.kv.old_pool.v[j].set_(both[1])
 
     def close(self, i: int) -> None:
         """Release piece i's old tensor here (with `release_old`)."""

@@ -20,6 +20,7 @@ def test_gpu_check_runs_the_host_parts_and_skips_the_rest(tmp_path):
     steps = report["steps"]
     assert steps["kernels"]["ok"] and steps["kernels"]["cases"] > 0
     assert steps["engine_world1"]["kv_exact"] and steps["engine_world1"]["weights_exact"]
+    assert steps["engine_world1"]["old_released"]
     if not torch.cuda.is_available():
         assert all(steps[s]["skipped"] == "no GPU"
                    for s in ("build", "kernel_bench", "two_ranks_one_gpu"))

@@ -95,7 +95,7 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         assert report["new"] == {"dp": 1, "tp": tp, "pp": pp}
         assert report["cached_tokens_after"] == report["cached_tokens_before"] > 0
         assert report["weight_bytes_moved"] > 0
-        assert report["downtime_s"] > 0 and set(report["phases"]) >= {"weights_s", "kv_s"}
+        assert report["downtime_s"] > 0 and "transfer_s" in report["phases"]
         assert report["transport"] == "gloo"  # CPU pools move through gloo, on the host
         switch = f"{old['tp']}x{old['pp']}->{tp}x{pp}"
         after = digest(server)

@@ -124,7 +124,7 @@ def _in_place_world(rank: int, world: int, port: int, errors) -> None:
                         assert torch.equal(got[res.new_slots],
                                            src[layer][live][:, heads.start:heads.stop])
             s = res.stats
-            assert s.peak_bytes == s.predicted_peak_bytes, (old, new, rank)
+            assert s.peak_bytes == s.predicted_peak_bytes <= s.bound_bytes, (old, new, rank)
             assert s.held_bytes[1] == sum(t.numel() * 4 for t in res.params.values()) + (
                 sum(t.numel() * 4 for t in res.pool.k + res.pool.v) if res.pool else 0)
         comm.close()
@@ -140,8 +140,9 @@ def test_relayout_in_place_is_exact_and_releases_the_old(world):
 
 
 def _restore_world(rank: int, world: int, port: int, errors) -> None:
-    """A rank fails at its n-th pack of an in-place relayout; `restore` gives every rank
-    its old weights and live KV back, bit-exact, in the same objects."""
+    """A rank fails at its n-th pack of an in-place relayout (or the relayout succeeds and
+    is undone, as a rollback after teardown does); `restore` gives every rank its old
+    weights and live KV back, bit-exact, in the same objects."""
     try:
         from test_engine import full_weights
 
@@ -169,24 +170,22 @@ def _restore_world(rank: int, world: int, port: int, errors) -> None:
                     if packs[0] == nth:
                         raise RuntimeError("injected")
 
-            try:
-                relayout(comm, old, new,
-                         KVPart(shape, torch.float32, pool, [SlotFlow(0, 0, live)],
-                                OLD_SLOTS),
-                         WeightPart(MODEL, torch.float32, params),
-                         staging_bytes=1 << 12, release_old=True, fault=fault)
-                continue  # the failing rank packed fewer than nth items: nothing failed
+            try:  # a relayout that did not fail (fewer than nth packs) is undone whole
+                done = relayout(comm, old, new,
+                                KVPart(shape, torch.float32, pool, [SlotFlow(0, 0, live)],
+                                       OLD_SLOTS),
+                                WeightPart(MODEL, torch.float32, params),
+                                staging_bytes=1 << 12, release_old=True, fault=fault)
+                restore(comm, done, staging_bytes=1 << 12)
             except RelayoutFailed as failed:
-                whole = restore(comm, failed, staging_bytes=1 << 12)
+                restore(comm, failed, staging_bytes=1 << 12)
             except MigrationError as exc:
                 raise AssertionError("an in-place relayout must fail with its state") from exc
             for key, t in objects[0].items():
                 assert t is params[key] and torch.equal(t, saved[0][key]), (old, new, key)
             for t, want in zip(objects[1], saved[1], strict=True):
-                if whole:  # the live slots (the rest of a pool holds nothing)
-                    assert torch.equal(t[live], want[live]), (old, new, nth)
-                else:  # KV lost: the layer is back in shape, the caller drops the cache
-                    assert t.shape == want.shape
+                # the live slots (the rest of a pool holds nothing)
+                assert torch.equal(t[live], want[live]), (old, new, nth)
         comm.close()
     except BaseException:
         errors.put((rank, traceback.format_exc()))

@@ -30,7 +30,7 @@ TIMEOUT_S, STALL_S = 8, 2
 AFTER_TEARDOWN = ("teardown", "world", "model", "cache_import", "rebind")
 # (step, rank that fails) on TP 2 -> 1: rank 1 leaves (it sends its shards and KV),
 # rank 0 alone builds the new world.
-LEAVING = [("prepare", 1), ("weights", 1), ("kv", 1), ("teardown", 1), ("world", 0),
+LEAVING = [("prepare", 1), ("transfer", 1), ("teardown", 1), ("world", 0),
            ("model", 0), ("cache_import", 0), ("rebind", 1)]
 # On TP 1 -> 2 the joining rank 1 builds the new world.
 JOINING = [("world", 1), ("model", 1), ("cache_import", 1)]

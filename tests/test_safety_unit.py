@@ -107,8 +107,8 @@ def test_kv_pool_logical_dtype_is_kept_for_fp8() -> None:
 
 
 def test_fault_specs() -> None:
-    assert parse("model:0:raise, kv:1:freeze:3") == [Fault("model", 0, "raise"),
-                                                       Fault("kv", 1, "freeze", 3.0)]
+    assert parse("model:0:raise, transfer:1:freeze:3") == [Fault("model", 0, "raise"),
+                                                             Fault("transfer", 1, "freeze", 3.0)]
     assert parse("") == []
     for bad in ("model:0", "nowhere:0:raise", "model:0:explode"):
         with pytest.raises(ValueError, match="REMP_FAULT_INJECT"):

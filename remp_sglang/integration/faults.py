@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_FAULT = "REMP_FAULT_INJECT"
-STEPS = ("prepare", "weights", "kv", "teardown", "world", "model", "cache_import", "rebind")
+STEPS = ("prepare", "transfer", "teardown", "world", "model", "cache_import", "rebind")
 KINDS = ("raise", "freeze", "timeout", "delay")
 
 

@@ -9,6 +9,8 @@
   While it is active the model is built without parameter memory: each parameter SGLang
   creates is put on the meta device at once (its empty allocation freed), so the build
   never holds a second weight set beside the re-sharded one.
+- `pool_from_memory` likewise makes SGLang's KV pool around the per-layer tensors the
+  engine filled, instead of allocating its own.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def decoder_of(hf_config: Any, dtype: torch.dtype) -> DenseDecoder:
 def local_params(
     model: torch.nn.Module, decoder: DenseDecoder, topo: Topology, rank: int
 ) -> dict[str, torch.Tensor]:
-    """This rank's shards, by SGLang parameter name, checked against the planner's layout."""
-    params = {name: p.data for name, p in model.named_parameters()}
+    """This rank's shards, by SGLang parameter name, checked against the planner's layout:
+    the parameters themselves (a reshape releases each in place once it has moved)."""
+    params = dict(model.named_parameters())
     expected = {
         spec.name: local_shape(spec, decoder, topo, rank)
         for spec in dense_decoder_params(decoder)
@@ -96,6 +99,30 @@ def weights_from_memory(shards: Mapping[str, torch.Tensor],
     finally:
         torch.nn.Parameter.__new__ = original
         _pending_shards = _pending_tokenizer = None
+
+
+@contextlib.contextmanager
+def pool_from_memory(kv: Any) -> Iterator[None]:
+    """While active, an `MHATokenToKVPool` SGLang builds takes `kv`'s per-layer K and V
+    tensors (the engine's, already filled) instead of allocating its buffers."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    original = MHATokenToKVPool._create_buffers_normal
+
+    def adopt_buffers(pool: Any) -> None:
+        expected = (pool.size + pool.page_size, pool.head_num, pool.head_dim)
+        if len(kv.k) != pool.layer_num or any(
+                tuple(t.shape) != expected or t.dtype != pool.store_dtype
+                for t in kv.k + kv.v):
+            raise ValueError(f"the moved KV does not match the pool: {pool.layer_num} "
+                             f"layers of {list(expected)} {pool.store_dtype} expected")
+        pool.k_buffer, pool.v_buffer = list(kv.k), list(kv.v)
+
+    MHATokenToKVPool._create_buffers_normal = adopt_buffers
+    try:
+        yield
+    finally:
+        MHATokenToKVPool._create_buffers_normal = original
 
 
 def adopt(param: torch.nn.Parameter, shard: torch.Tensor) -> None:

@@ -6,11 +6,14 @@ ranks, see `step_boundary`; the park loop on parked ones):
 1. requests in flight: old-active ranks evict unreferenced prefixes if the new layout
    holds fewer slots, checkpoint every running request's KV into the radix tree and
    re-queue it; rank zero exports tree, free lists and queued requests.
-2. weights: re-sharded for the new layout by the engine, from the ranks holding them.
-3. KV: every new-active rank allocates its `MHATokenToKVPool` (same slots, new heads and
-   layers); the engine fills the live slots from their old owners.
-   Steps 1-3 run before the old world is torn down; a failure there is agreed on by
-   every rank and the old layout serves on, with the requests resuming from its queue.
+2-3. weights and KV: the engine moves both in one exchange, piece by piece (each
+   weight, each layer's KV), in place: a new piece is allocated as its data arrives and
+   the old one released once every rank has it, so no rank holds a second weight set or
+   pool (`remp_sglang/pieces.py`); SGLang's `MHATokenToKVPool` is then made around the
+   new per-layer tensors. Steps 1-3 run before the old world is torn down; a failure
+   there is agreed on by every rank, the released pieces are moved back into the old
+   tensors (`engine.restore`) and the old layout serves on, with the requests resuming
+   from its queue.
 4. old-active ranks drop their model worker and park their SGLang world; new-active
    ranks resume theirs (every world was built at launch, `worlds`) and build a model
    worker fed from the re-sharded weights.
@@ -34,7 +37,15 @@ import msgspec
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError, transport_for
-from remp_sglang.engine import CapacityError, KVPool, migrate_kv_flows, reshard_weights
+from remp_sglang.engine import (
+    CapacityError,
+    KVPart,
+    KVPool,
+    RelayoutFailed,
+    WeightPart,
+    relayout,
+    restore,
+)
 from remp_sglang.memory import kv_capacity, replica_token_cap
 from remp_sglang.predict import DowntimeModel, predict_transfer
 from remp_sglang.topology import ModelShape, Topology, replica_sources
@@ -49,7 +60,7 @@ from .cache_state import (
     live_slots,
 )
 from .faults import fault_point
-from .model_state import local_params, weights_from_memory
+from .model_state import local_params, pool_from_memory, weights_from_memory
 from .replicas import place, room_share
 from .step_boundary import (
     CarryRefused,
@@ -276,8 +287,6 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             old_params = local_params(runner.model, rt.decoder, old, rank)
             old_pool_obj = runner.token_to_kv_pool
             old_pool = KVPool(list(old_pool_obj.k_buffer), list(old_pool_obj.v_buffer))
-        if now_active:
-            new_pool_obj = _new_pool(rt, new, rank, device, new_size)
         fault(step)
     except Exception as exc:
         error = exc
@@ -290,33 +299,34 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                   for head in old.heads]
         new_states, flows = place(states, old, new, new_size)
         times["prepare_s"] = time.perf_counter() - t0
+    except Exception as exc:  # agreed on (or bounded by the deadline on every rank)
+        raise ReshapeFailed(step, exc, rolled_back=False) from exc
 
-        step, t = "weights", time.perf_counter()
-        weights = reshard_weights(rt.ctrl, old, new, rt.decoder, old_params, dtype=rt.dtype,
-                                  device=device, staging_bytes=STAGING_BYTES,
-                                  staging=rt.staging_buffer(device),
-                                  fault=lambda at, r: fault(step) if at == "gather" else None)
-        times["weights_s"] = time.perf_counter() - t
-
-        step, t = "kv", time.perf_counter()
-        kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
-        new_kv = None
-        if new_pool_obj is not None:
-            new_kv = KVPool(list(new_pool_obj.k_buffer), list(new_pool_obj.v_buffer))
-        kv = migrate_kv_flows(rt.ctrl, old, new, kv_shape, old_pool, flows, new_size + 1,
-                              dtype=rt.kv_store_dtype, device=device, new_pool=new_kv,
-                              staging_bytes=STAGING_BYTES, staging=rt.staging_buffer(device),
-                              fault=lambda at, r: fault(step) if at == "gather" else None)
-        times["kv_s"] = time.perf_counter() - t
+    step, t = "transfer", time.perf_counter()
+    kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)
+    try:
+        moved = relayout(rt.ctrl, old, new,
+                         KVPart(kv_shape, rt.kv_store_dtype, old_pool, flows, new_size + 1),
+                         WeightPart(rt.decoder, rt.dtype, old_params),
+                         device=device, staging_bytes=STAGING_BYTES,
+                         staging=rt.staging_buffer(device), release_old=True,
+                         fault=lambda at, r: fault(step) if at == "gather" else None)
+        if now_active:
+            new_pool_obj = _new_pool(rt, new, rank, device, new_size, moved.pool)
+        times["transfer_s"] = time.perf_counter() - t
+    except RelayoutFailed as failed:  # every rank alike: the released pieces come back
+        _restore(rt, failed, device, old_pool_obj)
+        raise ReshapeFailed(step, failed, rolled_back=False) from failed
     except Exception as exc:  # agreed on (or bounded by the deadline on every rank)
         raise ReshapeFailed(step, exc, rolled_back=False) from exc
     del old_pool
     own = states[old.replica(rank)] if was_active else None  # what a rollback rebuilds
+    undo = (moved, device, old_pool_obj)  # what a rollback moves back
     mine = new_states[new.replica(rank)] if now_active else None
 
     # 4-5: the old world is parked and the new one resumed. A failure anywhere here is
-    # agreed on, and every rank serves the old world again from what it kept: its
-    # weights, its pool (only read so far) and its replica's export (`_rollback`).
+    # agreed on, the weights and KV move back into the old tensors, and every rank
+    # serves the old world again with its replica's export (`_rollback`).
     error = None
     try:
         step, t = "teardown", time.perf_counter()
@@ -330,7 +340,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     except Exception as exc:
         error = exc
     _agree_or_roll_back(sched, rt, error, "old world parked", step, old, new, order, own,
-                        old_params, old_pool_obj)
+                        old_params, undo)
     error = None
     try:
         if now_active:
@@ -339,7 +349,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             times["world_s"] = time.perf_counter() - t
             step, t = "model", time.perf_counter()
             fault(step)
-            _build_worker(sched, weights.params, new_pool_obj, new_size)
+            _build_worker(sched, moved.params, new_pool_obj, new_size)
             times["model_s"] = time.perf_counter() - t
             step, t = "cache_import", time.perf_counter()
             fault(step)
@@ -358,12 +368,15 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         rebind_threads(rt, new)
     except Exception as exc:
         error = exc
-    sent = [kv.stats.bytes_sent, weights.stats.bytes_sent]
+    mem = moved.stats
+    sent = [moved.bytes_sent["kv"], moved.bytes_sent["weights"], mem.peak_bytes,
+            *mem.held_bytes, mem.bound_bytes]
     infos = _agree_or_roll_back(sched, rt, error, "new layout", step, old, new, order, own,
-                                old_params, old_pool_obj, info=sent)
+                                old_params, undo, info=sent)
 
-    # Committed: what the old layout kept goes.
-    del weights, old_params, old_pool_obj
+    # Committed: the old layout's tensors were released as the new ones landed.
+    kept_kv = moved.bytes_kept["kv"]
+    del moved, undo, old_params, old_pool_obj
     if was_active and not now_active:
         clear_requests(sched)
     rt.topology, rt.pool_size = new, new_size
@@ -376,7 +389,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "old": old.layout(), "new": new.layout(),
         "kv_bytes_moved": sum(i[0] for i in infos),
         "weight_bytes_moved": sum(i[1] for i in infos),
-        "kv_bytes_kept": kv.stats.bytes_kept, "live_kv_slots": live,
+        "kv_bytes_kept": kept_kv, "live_kv_slots": live,
         "transport": transport_for(device),
         "kv_capacity_tokens": new_size,
         "kv_slots_compacted": any(not torch.equal(f.src_slots, f.dst_slots) for f in flows),
@@ -389,6 +402,11 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "requests_resumed_decoding": 0,
         "cached_tokens_evicted": evicted,
         "queued_requests": sum(len(s.requests) for s in states),
+        # Per launched rank: what its weights and pool took before and after, and the
+        # most they took at once during the move (staging included), as counted.
+        "memory": {"before_bytes": [i[3] for i in infos], "after_bytes": [i[4] for i in infos],
+                   "peak_bytes": [i[2] for i in infos],
+                   "bound_bytes": [i[5] for i in infos], "staging_bytes": STAGING_BYTES},
         "max_rank_bytes": predict_transfer(old, new, rt.decoder, kv_shape,
                                            [f.src_slots.numel() for f in flows],
                                            pairs).max_rank_bytes,
@@ -442,45 +460,62 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
 
 def _agree_or_roll_back(sched: Any, rt: RempRuntime, error: BaseException | None, what: str,
                         step: str, old: Topology, new: Topology, order: ReshapeOrder,
-                        state: CacheState | None, old_params: dict, old_pool_obj: Any,
+                        state: CacheState | None, old_params: dict, undo: tuple,
                         info: Any = None) -> list:
     """Agree on a step past teardown; on abort, roll back and raise `ReshapeFailed`."""
     try:
         return rt.ctrl.agree(error, what, info=info, where=step)
     except MigrationError as exc:
-        _rollback(sched, rt, old, new, order, state, old_params, old_pool_obj)
+        _rollback(sched, rt, old, new, order, state, old_params, undo)
         raise ReshapeFailed(exc.failed_step or step, exc, rolled_back=True) from exc
 
 
 def _rollback(sched: Any, rt: RempRuntime, old: Topology, new: Topology, order: ReshapeOrder,
-              state: CacheState | None, old_params: dict, old_pool_obj: Any) -> None:
+              state: CacheState | None, old_params: dict, undo: tuple) -> None:
     """Serve the old layout again after a failure past teardown: every rank drops the
-    worker it built and parks the new world; old-active ranks resume the old world and
-    rebuild a worker from their kept weights, pool and their replica's export; joining
-    ranks drop the requests they adopted. Waits for every rank
-    (a frozen one too) until the reshape timeout."""
+    worker it built and parks the new world; the weights and KV move back into the old
+    tensors (`_restore`); old-active ranks resume the old world and rebuild a worker
+    from them and their replica's export; joining ranks drop the requests they adopted.
+    Waits for every rank (a frozen one too) until the reshape timeout."""
     rank = rt.launch_rank
+    moved, device, old_pool_obj = undo
     rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
     error: BaseException | None = None
     try:
         if new.is_active(rank) or old.is_active(rank):
             _teardown(sched, rt, quiet=True)
-        if old.is_active(rank):
+    except Exception as exc:
+        logger.exception("remp: rollback failed on rank %d", rank)
+        error = exc
+    try:  # every rank takes part, whatever happened above
+        _restore(rt, moved, device, old_pool_obj)
+        if error is None and old.is_active(rank):
             enter(sched, rt.worlds, world_key(old, rank))
             _build_worker(sched, old_params, old_pool_obj, rt.pool_size)
             import_state(sched, state, rt.pool_size)
             _refresh_scheduler(sched, rt, old)
             rebuild_queue(sched, state.requests)  # its own replica's queue again
             sched.new_token_ratio_tracker.current = state.new_token_ratio
-        elif new.is_active(rank):
+        elif error is None and new.is_active(rank):
             clear_requests(sched)
-        rebind_threads(rt, old)
+        if error is None:
+            rebind_threads(rt, old)
     except Exception as exc:
         logger.exception("remp: rollback failed on rank %d", rank)
-        error = exc
+        error = error or exc
     rt.ctrl.agree(error, "rollback", patient=True)
     logger.warning("remp: reshape %d rolled back to %s on rank %d", order.epoch,
                    old.layout(), rank)
+
+
+def _restore(rt: RempRuntime, moved: Any, device: torch.device, old_pool_obj: Any) -> None:
+    """Every rank alike: the old weights and live KV go back into the SAME tensor objects
+    the old model and pool hold (`engine.restore`), through a fresh staging area (a
+    receive given up by a failed transfer may still land in the kept one)."""
+    rt.ctrl.deadline = time.time() + rt.reshape_timeout_s
+    restore(rt.ctrl, moved, device=device, staging_bytes=STAGING_BYTES)
+    if old_pool_obj is not None:  # the buffers' storage moved: kernels read pointers
+        old_pool_obj._init_data_ptrs_and_strides()
 
 
 def kv_dtypes(pool: Any) -> tuple[torch.dtype, torch.dtype]:
@@ -497,18 +532,20 @@ def kv_shape_of(shape: ModelShape, kv_dtype: torch.dtype) -> ModelShape:
 
 
 def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device,
-              size: int) -> Any:
-    """SGLang's pool for `rank` under `topo`: `size` slots, its heads and layers."""
+              size: int, kv: KVPool) -> Any:
+    """SGLang's pool for `rank` under `topo`: `size` slots, its heads and layers, around
+    the per-layer tensors the engine filled (`pool_from_memory`: no allocation)."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
     shape = rt.decoder.shape
     layers = topo.layer_range(rank, shape.num_layers)
-    return MHATokenToKVPool(
-        size, page_size=1, dtype=rt.kv_dtype,
-        head_num=len(topo.kv_head_range(rank, shape.num_kv_heads)), head_dim=shape.head_dim,
-        layer_num=len(layers), device=str(device), enable_memory_saver=False,
-        start_layer=layers.start, end_layer=layers.stop,
-    )
+    with pool_from_memory(kv):
+        return MHATokenToKVPool(
+            size, page_size=1, dtype=rt.kv_dtype,
+            head_num=len(topo.kv_head_range(rank, shape.num_kv_heads)),
+            head_dim=shape.head_dim, layer_num=len(layers), device=str(device),
+            enable_memory_saver=False, start_layer=layers.start, end_layer=layers.stop,
+        )
 
 
 def _device_of(sched: Any) -> str:
@@ -529,8 +566,8 @@ def _teardown(sched: Any, rt: RempRuntime, quiet: bool = False) -> dict[str, flo
         # Break the old worker's and runner's links: the start-up objects sit in GC's
         # permanent generation here (frozen), where the cycles through the old model
         # (runner <-> attention backends, graph runners) would never be collected.
-        # Reference counting frees them now; the old weights stay alive only through
-        # the tensors the reshape kept for a rollback.
+        # Reference counting frees them now (the old weights were released in place as
+        # they moved; their objects stay, empty, for a rollback to refill).
         runner = getattr(worker, "model_runner", None)
         if runner is not None and torch.cuda.is_available():
             _release_cuda_graphs(runner)

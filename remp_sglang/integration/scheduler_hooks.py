@@ -519,7 +519,7 @@ def _first_step(rt: RempRuntime) -> None:
     report["clock"]["boundary"], report["clock"]["resumed"] = t_boundary, now
     report["phases"]["restart_s"] = round(now - t_done, 4)
     phases = report["phases"]
-    rt.downtime_model.observe(report["max_rank_bytes"], phases["weights_s"] + phases["kv_s"],
+    rt.downtime_model.observe(report["max_rank_bytes"], phases["transfer_s"],
                               report["downtime_s"])
     rt.reply = (report, recv_req, now)
 

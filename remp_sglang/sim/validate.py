@@ -2,7 +2,7 @@
 
 (a) The switch's pause, `fixed + max_rank_bytes / bandwidth` (`switch.SwitchCost`),
     fitted on measured reshapes (`bench/results/under_load-cpu.json`): the bandwidth is
-    the busiest rank's bytes over the transfer phases (weights_s + kv_s), the fixed part
+    the busiest rank's bytes over the transfer phase (transfer_s), the fixed part
     the median of downtime - transfer (the same split as `predict.DowntimeModel`, but
     batch, not an exponential average). A least-squares fit of downtime on bytes would
     not do: the CPU reshapes move 0.5-1 MB each, their pauses vary with teardown and
@@ -54,7 +54,8 @@ def measured_reshapes(path: Path) -> list[MeasuredReshape]:
         phases = r["phases"]
         out.append(MeasuredReshape(
             _layout(r["old"]), _layout(r["new"]), int(r["max_rank_bytes"]),
-            float(phases.get("weights_s", 0.0)) + float(phases.get("kv_s", 0.0)),
+            float(phases.get("transfer_s", phases.get("weights_s", 0.0)
+                                       + phases.get("kv_s", 0.0))),  # (earlier runs)
             float(r["downtime_s"]), (r.get("predicted") or {}).get("predicted_downtime_s")))
     return out
 
