@@ -135,10 +135,12 @@ def totals(pieces: Sequence[Piece], world: int) -> tuple[list[int], list[int]]:
 def order_pieces(pieces: Sequence[Piece]) -> list[int]:
     """Indices of `pieces` in the order to replace them.
 
-    Greedy: next comes the piece that keeps the worst rank lowest above its cap (the
-    larger of its old and new totals) while it is open (its new tensor beside its old
-    one); ties go to the piece that leaves the worst rank lowest once it is closed, then
-    the least above the caps over all ranks, then the one that frees most. Pieces with
+    Pieces that shrink on every rank come first, those that grow on every rank last,
+    and the mixed ones between. Within each class, greedy: next comes the piece that
+    keeps the worst rank lowest above its cap (the larger of its old and new totals)
+    while it is open (its new tensor beside its old one); ties go to the piece that
+    leaves the worst rank lowest once it is closed, then the least above the caps over
+    all ranks, then the one that frees most. Pieces with
     the same bytes on every rank (the same tensor of layers with the same placement)
     are interchangeable, so only the first of each group is a candidate:
     O(pieces x groups x ranks).
@@ -161,7 +163,9 @@ def order_pieces(pieces: Sequence[Piece]) -> list[int]:
                 continue
             p = pieces[queue[-1]]
             after = [held[r] + p.delta(r) - cap[r] for r in range(world)]
-            key = (max(held[r] + p.new[r] - cap[r] for r in range(world)), max(after),
+            deltas = [p.delta(r) for r in range(world)]
+            kind = 0 if max(deltas) <= 0 else 2 if min(deltas) >= 0 else 1
+            key = (kind, max(held[r] + p.new[r] - cap[r] for r in range(world)), max(after),
                    sum(a for a in after if a > 0), sum(after), queue[-1])
             if best_key is None or key < best_key:
                 best, best_key = q, key

@@ -196,3 +196,23 @@ def _restore_world(rank: int, world: int, port: int, errors) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_a_failed_in_place_relayout_is_restored(world):
     run_world(_restore_world, world)
+
+
+@pytest.mark.parametrize(("old", "new"), [((2, 1), (1, 1)), ((1, 1), (2, 1)), ((1, 2), (1, 1)),
+                                          ((1, 1), (1, 2))])
+def test_frees_come_before_growth(old, new):
+    """A 500 MB float32 Llama (bench/reshape_memory.py's) with a 64k-token pool at TP 2:
+    on every switch of 2 ranks the order releases before it grows, so no rank holds more
+    than its larger total plus the largest new piece and one stage (64 MiB). Ordering by
+    the cheapest next piece alone ran TP 2 -> 1 through every weight first: +207 MiB."""
+    kv = ModelShape(num_layers=8, num_heads=16, num_kv_heads=4, head_dim=64, dtype_bytes=4)
+    model = DenseDecoder(kv, hidden_size=1024, intermediate_size=2816, vocab_size=16384)
+    old, new = Topology(*old, 2), Topology(*new, 2)
+    rows = [65537 if t.tp * t.pp == 2 else 17666 for t in (old, new)]
+    pieces = kv_pieces(old, new, kv, [rows[0]] * 2, rows[1]) + weight_pieces(old, new, model)
+    budget = 64 << 20
+    cut = stages(pieces, order_pieces(pieces), budget)
+    start, end = totals(pieces, 2)
+    big_new = max(max(p.new) for p in pieces)
+    for r in range(2):
+        assert peak_bytes(pieces, cut, r) <= max(start[r], end[r]) + big_new + budget, r
