@@ -4,7 +4,7 @@
 
 A real ``sglang.launch_server --remp`` (2 ranks, CPU) serves a random-weight float32
 Llama large enough that weights and KV dominate each scheduler process (about 500 MB of
-weights, a 65k-token pool: several hundred MB per rank), with 12k tokens cached. Around
+weights, a 131k-token pool: 1.3 GB of weights and KV per rank), with 12k tokens cached. Around
 every reshape each scheduler's resident high-water mark is reset (``/proc/PID/clear_refs``)
 and read back (``VmHWM``): the table gives, per rank, the resident memory before and
 after and the high-water mark during the switch, its excess over the larger of before
@@ -65,7 +65,7 @@ def main() -> int:
                                 max_position=4096)
     rows = []
     with launch_sglang_server(model_dir, tp=2, extra_args=("--remp",), log_dir=args.out,
-                              max_total_tokens=65536,
+                              max_total_tokens=131072,
                               env={"MALLOC_MMAP_THRESHOLD_": "65536"}) as server:
         print(f"server --remp tp=2 healthy after {server.startup_s:.1f}s; log {server.log_path}")
         for (tp, pp) in CYCLE:  # every layout once: first-time costs are not measured

@@ -97,6 +97,13 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         assert report["weight_bytes_moved"] > 0
         assert report["downtime_s"] > 0 and "transfer_s" in report["phases"]
         assert report["transport"] == "gloo"  # CPU pools move through gloo, on the host
+        # In place: no rank ever held its old and new weights and pool side by side.
+        mem = report["memory"]
+        for rank, (a, b, peak, cap) in enumerate(zip(
+                mem["before_bytes"], mem["after_bytes"], mem["peak_bytes"],
+                mem["bound_bytes"], strict=True)):
+            assert max(a, b) <= peak <= cap, (rank, mem)
+            assert a == 0 or b == 0 or peak - mem["staging_bytes"] < a + b, (rank, mem)
         switch = f"{old['tp']}x{old['pp']}->{tp}x{pp}"
         after = digest(server)
         # every active rank holds one model: the one it replaced was freed
