@@ -1,10 +1,13 @@
 """KV migration and weight re-sharding across a real gloo world, against its lower bound.
 
-For each reshape, every rank runs the engine on random data; the table shows the busiest
-rank's bytes, the measured transfer phase (median of --repeats runs after a warm-up,
-slowest rank), and the floor: busiest-rank bytes divided by
-the point-to-point bandwidth measured on the same backend, in the same run, with one
-large message (the best case the backend reaches).
+For each reshape, every rank runs the engine on random data: KV alone, weights alone,
+and both in one in-place exchange ("both": old tensors released as they move); the
+table shows the busiest rank's bytes, the measured exchange (median of --repeats runs
+after a warm-up, slowest rank: packing, sending, receiving and unpacking; allocating the
+new tensors and the copies a rank keeps are "open s", beside it), and the floor:
+busiest-rank bytes divided by the
+point-to-point bandwidth measured on the same backend, in the same run, with one large
+message (the best case the backend reaches).
 
     python bench/migrate.py [--quick] [--json PATH] [--tokens N] [--staging-mib M]
 """
@@ -26,7 +29,15 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from remp_sglang.comm import Communicator  # noqa: E402
-from remp_sglang.engine import KVPool, migrate_kv, reshard_weights  # noqa: E402
+from remp_sglang.engine import (  # noqa: E402
+    KVPart,
+    KVPool,
+    SlotFlow,
+    WeightPart,
+    migrate_kv,
+    relayout,
+    reshard_weights,
+)
 from remp_sglang.planner import plan_kv  # noqa: E402
 from remp_sglang.topology import ModelShape, Topology  # noqa: E402
 from remp_sglang.weights import (  # noqa: E402
@@ -54,6 +65,18 @@ def random_tensor(shape, dtype, gen) -> torch.Tensor:
     if dtype.itemsize == 2:
         return raw.view(dtype).view(shape)
     return raw.to(dtype).view(shape)
+
+
+def random_pool(topo: Topology, rank: int, tokens: int, gen) -> KVPool | None:
+    if not topo.is_active(rank):
+        return None
+    layers = len(topo.layer_range(rank, KV_SHAPE.num_layers))
+    heads = len(topo.kv_head_range(rank, KV_SHAPE.num_kv_heads))
+
+    def layer() -> torch.Tensor:
+        return random_tensor((tokens + 1, heads, KV_SHAPE.head_dim), torch.bfloat16, gen)
+
+    return KVPool([layer() for _ in range(layers)], [layer() for _ in range(layers)])
 
 
 def p2p_bandwidth(comm: Communicator, nbytes: int, repeats: int) -> float:
@@ -115,14 +138,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     live = torch.randperm(tokens, generator=torch.Generator().manual_seed(0)) + 1
     for (otp, opp), (ntp, npp) in TRANSITIONS:
         old, new = Topology(otp, opp, world), Topology(ntp, npp, world)
-        pool = None
-        if old.is_active(rank):
-            layers = len(old.layer_range(rank, shape.num_layers))
-            heads = len(old.kv_head_range(rank, shape.num_kv_heads))
-            pool = KVPool([random_tensor((tokens + 1, heads, shape.head_dim), torch.bfloat16, gen)
-                           for _ in range(layers)],
-                          [random_tensor((tokens + 1, heads, shape.head_dim), torch.bfloat16, gen)
-                           for _ in range(layers)])
+        pool = random_pool(old, rank, tokens, gen)
         runs = []
         for _ in range(args.repeats + 1):  # the first run warms up and is dropped
             comm.barrier()
@@ -131,7 +147,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                              staging=staging)
             s = res.stats
             runs.append(_gather_rows(comm, [s.bytes_sent, s.bytes_received,
-                                            s.seconds["transfer"], s.seconds["local_copy"],
+                                            s.seconds["exchange"], s.seconds["open"],
                                             s.peak_bytes]))
             del res
         per_rank = runs[-1]
@@ -161,20 +177,52 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 comm.barrier()
                 res = reshard_weights(comm, old, new, model, params, dtype=torch.bfloat16,
                                       staging_bytes=staging.numel(), staging=staging)
-                runs.append(_gather_rows(comm, [res.stats.seconds["transfer"],
-                                                res.stats.peak_bytes]))
+                runs.append(_gather_rows(comm, [res.stats.seconds["exchange"],
+                                                res.stats.peak_bytes,
+                                                res.stats.seconds["open"]]))
             per_rank = runs[-1]
             busiest = res.stats.lower_bound_bytes
             transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
             rows.append({
                 "what": "weights", "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}",
                 "tokens": 0, "busiest_rank_bytes": busiest, "transfer_s": transfer,
-                "local_copy_s": 0.0, "lower_bound_s": busiest / bw,
+                "local_copy_s": statistics.median(max(r[2] for r in run) for run in runs[1:]),
+                "lower_bound_s": busiest / bw,
                 "ratio": transfer / (busiest / bw) if busiest else 0,
                 "raw_pattern_s": float("nan"), "ratio_raw": float("nan"),
                 "peak_gib": max(r[1] for r in per_rank) / 2**30, "bytes_per_rank": [],
             })
             del params, res
+        for (otp, opp), (ntp, npp) in TRANSITIONS[:3]:  # both in one exchange, in place
+            old, new = Topology(otp, opp, world), Topology(ntp, npp, world)
+            runs = []
+            for _ in range(args.repeats + 1):
+                params = {sp.name: random_tensor(local_shape(sp, model, old, rank),
+                                                 torch.bfloat16, gen)
+                          for sp in specs if owns(sp, model, old, rank)}
+                pool = random_pool(old, rank, tokens, gen)
+                comm.barrier()
+                res = relayout(comm, old, new,
+                               KVPart(shape, torch.bfloat16, pool,
+                                      [SlotFlow(0, 0, live)], tokens + 1),
+                               WeightPart(model, torch.bfloat16, params),
+                               staging_bytes=staging.numel(), staging=staging,
+                               release_old=True)
+                runs.append(_gather_rows(comm, [res.stats.seconds["exchange"],
+                                                res.stats.peak_bytes,
+                                                res.stats.seconds["open"]]))
+                busiest = res.stats.lower_bound_bytes
+                del params, pool, res
+            transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
+            rows.append({
+                "what": "both", "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}",
+                "tokens": tokens, "busiest_rank_bytes": busiest, "transfer_s": transfer,
+                "local_copy_s": statistics.median(max(r[2] for r in run) for run in runs[1:]),
+                "lower_bound_s": busiest / bw,
+                "ratio": transfer / (busiest / bw) if busiest else 0,
+                "raw_pattern_s": float("nan"), "ratio_raw": float("nan"),
+                "peak_gib": max(r[1] for r in runs[-1]) / 2**30, "bytes_per_rank": [],
+            })
     comm.close()
     if rank == 0:
         queue.put({"p2p_GBps": bw / 1e9, "rows": rows})
@@ -217,7 +265,7 @@ def main() -> None:
           "same per-pair bytes as plain messages (this backend's floor for the pattern)")
     hdr = f"{'what':8} {'old':>8} {'new':>8} {'tokens':>7} {'busiest MiB':>12} " \
           f"{'transfer s':>11} {'bound s':>9} {'ratio':>6} {'raw s':>7} {'/raw':>6} " \
-          f"{'local s':>8} {'peak GiB':>9}"
+          f"{'open s':>8} {'peak GiB':>9}"
     print(hdr)
     for r in result["rows"]:
         print(f"{r['what']:8} {r['old']:>8} {r['new']:>8} {r['tokens']:>7} "

@@ -317,10 +317,13 @@ def relayout(
     is released as soon as its data has left this rank (the caller then cannot serve
     the old layout from them again; if the transfer fails, `RelayoutFailed` carries
     what `restore` needs); `stats.peak_bytes` is the most the pieces and the staging
-    held at once on this rank. Pieces move in stages (`pieces.stages`) that allocate at
-    most `stage_bytes` (default: `staging_bytes`) on a rank, or one larger piece, before
-    the stage's old tensors are released. `only`: the names of the pieces to move
-    (`restore`); the others are neither read nor made.
+    held at once on this rank; `stats.seconds`: "open" (allocating new tensors and
+    copying what a rank keeps), "exchange" (the rounds: pack, send, receive, unpack)
+    and "transfer" (all of it, agreements included). Pieces move in stages
+    (`pieces.stages`) that allocate at most `stage_bytes` (default: `staging_bytes`)
+    on a rank, or one larger piece, before the stage's old tensors are released.
+    `only`: the names of the pieces to move (`restore`); the others are neither read
+    nor made.
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
@@ -359,15 +362,19 @@ def relayout(
     cut = stages(run.pieces, run.order, stage_bytes or staging_bytes)
     tokens = [f.src_slots.numel() for f in flows]
     t1 = time.perf_counter()
+    stats.seconds["open"] = stats.seconds["exchange"] = 0.0
     for stage in cut:
         error = None
         try:
+            t2 = time.perf_counter()
             for i in stage:
                 run.open(i)
+            stats.seconds["open"] += time.perf_counter() - t2
             items = [run.item(t) for t in transfers(run.pieces, stage, staging_bytes // 2,
                                                     kv_plan, tokens, w_plan)]
             run.expect(items)
             ex = run_exchange(comm, items, staging_bytes, device, staging)
+            stats.seconds["exchange"] += ex.seconds
             stats.rounds += ex.rounds
             stats.staging_bytes = max(stats.staging_bytes, ex.staging_bytes)
             stats.bytes_sent += ex.bytes_sent
@@ -605,7 +612,7 @@ class _Run:
         model, rank = self.weights.model, self.rank
         if not owns(spec, model, self.new, rank):
             return
-        t = torch.zeros(local_shape(spec, model, self.new, rank), dtype=self.weights.dtype,
+        t = torch.empty(local_shape(spec, model, self.new, rank), dtype=self.weights.dtype,
                         device=self.device)
         self.new_params[spec.name] = t
         for m in self.w_plan.moves:
