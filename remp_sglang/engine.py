@@ -612,6 +612,7 @@ class _Run:
         model, rank = self.weights.model, self.rank
         if not owns(spec, model, self.new, rank):
             return
+        # zeros: the vocabulary's padding rows receive no data
         t = torch.zeros(local_shape(spec, model, self.new, rank), dtype=self.weights.dtype,
                         device=self.device)
         self.new_params[spec.name] = t
