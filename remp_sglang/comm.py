@@ -188,6 +188,16 @@ class Communicator:
         return self.deadline if self.deadline is not None else time.time() + self.timeout_s
 
     # ---------------------------------------------------------------------- transfers
+    def confirm(self, step: str) -> None:
+        """A quick agreement inside a step, between ranks that all succeeded so far: one
+        sum on the group, waited for under the same bounds as a transfer (a rank that
+        failed votes in the store instead, which ends this wait). Raises if it cannot
+        finish; the step's closing `agree` then settles it through the store."""
+        try:
+            self.wait([self.pg.allreduce([torch.zeros(1, dtype=torch.int32)])])
+        except RuntimeError as exc:
+            raise MigrationError(f"{step}: {exc}") from exc
+
     def barrier(self) -> None:
         """Bounded barrier: returns once every rank got here, raises after the timeout."""
         work = self.pg.allreduce([torch.zeros(1)])

@@ -363,8 +363,8 @@ def relayout(
     tokens = [f.src_slots.numel() for f in flows]
     t1 = time.perf_counter()
     stats.seconds["open"] = stats.seconds["exchange"] = 0.0
+    error = None
     for stage in cut:
-        error = None
         try:
             t2 = time.perf_counter()
             for i in stage:
@@ -379,18 +379,24 @@ def relayout(
             stats.staging_bytes = max(stats.staging_bytes, ex.staging_bytes)
             stats.bytes_sent += ex.bytes_sent
             stats.bytes_received += ex.bytes_received
-        except Exception as exc:
+        except Exception as exc:  # straight to the vote: peers waiting on this rank see it
             error = exc
+            break
         try:  # every rank has all of the stage before any old tensor goes
-            comm.agree(error, "reshape transfer")
+            comm.confirm("reshape transfer")
         except MigrationError as exc:
-            if not release_old:
-                raise
-            failed = RelayoutFailed(str(exc))
-            failed.failed_step, failed.run = exc.failed_step, run
-            raise failed from exc
+            error = exc
+            break
         for i in stage:
             run.close(i)
+    try:
+        comm.agree(error, "reshape transfer")
+    except MigrationError as exc:
+        if not release_old:
+            raise
+        failed = RelayoutFailed(str(exc))
+        failed.failed_step, failed.run = exc.failed_step, run
+        raise failed from exc
     stats.seconds["transfer"] = time.perf_counter() - t1
     stats.predicted_peak_bytes = peak_bytes(run.pieces, cut, rank, release_old) + \
         stats.staging_bytes
