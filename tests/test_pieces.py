@@ -91,6 +91,15 @@ def test_stages_and_their_peak():
 
 # ---------------------------------------------------------------------------------------
 # the engine, releasing as it goes
+def move(comm, old, new, pool, params, live, staging, fault=None):
+    """The gqa shape's KV (one flow of `live` slots) and MODEL's weights, in place."""
+    return relayout(comm, old, new,
+                    KVPart(SHAPES["gqa"], torch.float32, pool, [SlotFlow(0, 0, live)],
+                           OLD_SLOTS),
+                    WeightPart(MODEL, torch.float32, params), staging_bytes=staging,
+                    release_old=True, fault=fault)
+
+
 def _in_place_world(rank: int, world: int, port: int, errors) -> None:
     try:
         comm = Communicator.gloo("127.0.0.1", port, rank, world, timeout_s=30)
@@ -103,14 +112,10 @@ def _in_place_world(rank: int, world: int, port: int, errors) -> None:
         for old, new in itertools.product(layouts(world, shape), repeat=2):
             if old == new:
                 continue
-            pool = shard_pool(full_k, full_v, old, rank, shape)
-            params = shard_weights(full, old, rank)
+            pool, params = shard_pool(full_k, full_v, old, rank, shape), shard_weights(
+                full, old, rank)
             kept = list(params.values()) + (pool.k + pool.v if pool else [])
-            res = relayout(comm, old, new,
-                           KVPart(shape, torch.float32, pool, [SlotFlow(0, 0, live)],
-                                  OLD_SLOTS),
-                           WeightPart(MODEL, torch.float32, params),
-                           staging_bytes=1 << 14, release_old=True)
+            res = move(comm, old, new, pool, params, live, 1 << 14)
             assert all(t.numel() == 0 for t in kept), (old, new, rank)  # released
             want = shard_weights(full, new, rank)
             assert res.params.keys() == want.keys()
@@ -171,12 +176,8 @@ def _restore_world(rank: int, world: int, port: int, errors) -> None:
                         raise RuntimeError("injected")
 
             try:  # a relayout that did not fail (fewer than nth packs) is undone whole
-                done = relayout(comm, old, new,
-                                KVPart(shape, torch.float32, pool, [SlotFlow(0, 0, live)],
-                                       OLD_SLOTS),
-                                WeightPart(MODEL, torch.float32, params),
-                                staging_bytes=1 << 12, release_old=True, fault=fault)
-                restore(comm, done, staging_bytes=1 << 12)
+                restore(comm, move(comm, old, new, pool, params, live, 1 << 12, fault),
+                        staging_bytes=1 << 12)
             except RelayoutFailed as failed:
                 restore(comm, failed, staging_bytes=1 << 12)
             except MigrationError as exc:
