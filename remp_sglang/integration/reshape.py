@@ -311,8 +311,6 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                          device=device, staging_bytes=STAGING_BYTES,
                          staging=rt.staging_buffer(device), release_old=True,
                          fault=lambda at, r: fault(step) if at == "gather" else None)
-        if now_active:
-            new_pool_obj = _new_pool(rt, new, rank, device, new_size, moved.pool)
         times["transfer_s"] = time.perf_counter() - t
     except RelayoutFailed as failed:  # every rank alike: the released pieces come back
         _restore(rt, failed, device, old_pool_obj)
@@ -329,6 +327,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     # serves the old world again with its replica's export (`_rollback`).
     error = None
     try:
+        if now_active:  # SGLang's pool around the moved tensors (a failure rolls back)
+            new_pool_obj = _new_pool(rt, new, rank, device, new_size, moved.pool)
         step, t = "teardown", time.perf_counter()
         fault(step)
         if was_active:
