@@ -1,14 +1,14 @@
 """The distributed reshape engine: KV cache and weight shards to a new topology.
 
 Runs on every launched rank with the same arguments (apart from the rank's own tensors):
-plan (pure, identical everywhere) -> validate and agree -> one point-to-point exchange
-in bounded rounds for KV and weights together -> agree. The data is replaced piece by
-piece (`pieces.py`: each layer's KV, each weight tensor) in an order that keeps every
-rank near the larger of its old and new totals: a piece's new tensor is allocated when
-its data is about to land and, with `release_old`, its old tensor is released (in place,
-so SGLang's own references see it go) once its data has left. Nothing is written to an
-old tensor; without `release_old` a failure anywhere (every rank raises
-`MigrationError`) leaves the caller free to keep serving on the old topology.
+plan (pure, identical everywhere) -> validate and agree -> per stage of pieces
+(`pieces.py`: each layer's KV, each weight tensor, in an order that keeps every rank near
+the larger of its old and new totals): allocate the stage's new tensors, one
+point-to-point exchange in bounded rounds for KV and weights together, confirm, and,
+with `release_old`, release the stage's old tensors in place (SGLang's own references
+see them go) -> agree. Nothing is written to an old tensor; without `release_old` a
+failure anywhere (every rank raises `MigrationError`) leaves the caller free to keep
+serving on the old topology; with it, `restore` moves the released pieces back.
 """
 
 from __future__ import annotations
@@ -58,14 +58,6 @@ class KVPool:
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-
-    @classmethod
-    def empty(cls, layers: int, slots: int, heads: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device | str = "cpu") -> KVPool:
-        def make() -> list[torch.Tensor]:
-            return [torch.zeros(slots, heads, head_dim, dtype=dtype, device=device)
-                    for _ in range(layers)]
-        return cls(make(), make())
 
     @property
     def num_slots(self) -> int:
@@ -218,7 +210,6 @@ def migrate_kv_flows(
     new_num_slots: int,
     *,
     dtype: torch.dtype,
-    new_pool: KVPool | None = None,
     reserved_slots: int = 1,
     **options: Any,
 ) -> KVMigration:
@@ -227,10 +218,9 @@ def migrate_kv_flows(
     (their slots renumbered apart), a split one per new replica (a prefix several new
     replicas keep is in each of their flows). All flows move in one exchange.
 
-    `new_pool`, if given, is filled instead of allocating one (e.g. a pool SGLang built).
     `options` are `relayout`'s (device, staging, release_old, fault)."""
     res = relayout(comm, old, new, kv=KVPart(shape, dtype, old_pool, flows, new_num_slots,
-                                             new_pool, reserved_slots), **options)
+                                             reserved_slots), **options)
     return KVMigration(res.pool, res.new_slots, res.compacted, res.stats)
 
 
@@ -260,7 +250,6 @@ class KVPart:
     old_pool: KVPool | None
     flows: Sequence[SlotFlow]
     new_num_slots: int
-    new_pool: KVPool | None = None  # filled instead of allocating layer by layer
     reserved_slots: int = 1
 
 
@@ -341,11 +330,6 @@ def relayout(
                 for f in kv.flows]
             _check_flows(flows, old, new, rank, kv.old_pool, kv.new_num_slots,
                          kv.reserved_slots)
-            if new.is_active(rank) and kv.new_pool is not None:
-                _check_pool(kv.new_pool, new, rank, kv.shape, "new_pool")
-                if kv.new_pool.num_slots != kv.new_num_slots:
-                    raise ValueError(f"new_pool has {kv.new_pool.num_slots} slots, "
-                                     f"new_num_slots says {kv.new_num_slots}")
         if weights is not None:
             w_plan = plan_weights(old, new, weights.model)
             _check_params(weights, old, rank, only)
@@ -458,7 +442,7 @@ def _restore(comm: Communicator, run: _Run, device: torch.device | str, staging_
     rev = relayout(
         comm, run.new, run.old,
         KVPart(run.kv.shape, run.kv.dtype, run.new_pool, _reversed(run.flows),
-               max(run.old_rows), None, run.kv.reserved_slots) if run.kv else None,
+               max(run.old_rows), run.kv.reserved_slots) if run.kv else None,
         WeightPart(run.weights.model, run.weights.dtype, run.new_params)
         if run.weights else None,
         device=device, staging_bytes=staging_bytes, staging=staging, release_old=True,
@@ -518,7 +502,7 @@ class _Run:
             s = kv.shape
             self.pieces += kv_pieces(old, new, s, old_rows, kv.new_num_slots)
             layers = len(new.layer_range(rank, s.num_layers)) if new.is_active(rank) else 0
-            self.new_pool = kv.new_pool or KVPool(
+            self.new_pool = KVPool(
                 [torch.empty(0, dtype=kv.dtype, device=device)] * layers,
                 [torch.empty(0, dtype=kv.dtype, device=device)] * layers)
         self.new_params: dict[str, torch.Tensor] = {}
@@ -596,11 +580,10 @@ class _Run:
             return
         j = self._local_layer(self.new, layer)
         pool, s = self.new_pool, self.kv.shape
-        if self.kv.new_pool is None:
-            heads = len(self.new.kv_head_range(self.rank, s.num_kv_heads))
-            both = torch.zeros(2, self.kv.new_num_slots, heads, s.head_dim,
-                               dtype=self.kv.dtype, device=self.device)
-            pool.k[j], pool.v[j] = both[0], both[1]
+        heads = len(self.new.kv_head_range(self.rank, s.num_kv_heads))
+        both = torch.zeros(2, self.kv.new_num_slots, heads, s.head_dim,  # as SGLang makes it
+                           dtype=self.kv.dtype, device=self.device)
+        pool.k[j], pool.v[j] = both[0], both[1]
         plan, old_pool = self.kv_plan, self.kv.old_pool
         for m in plan.keeps(self.rank):
             if layer not in m.layers:
