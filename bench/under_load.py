@@ -12,11 +12,15 @@ any streaming client saw during it, requests that straddled it; overall: request
 completed / failed / equal to the reference, the decode step (median streaming gap), the
 prefix-cache hits of a probe prompt after every reshape, and each process's resident
 memory before and after. "max gap" is the largest chunk gap overlapping the call, "gap
-from" when it began, relative to the call; "pause gap" is the largest gap that holds the
+from" when it began, relative to the call; "pause gap" is the largest gap between two
+consecutive tokens (`Outcome.token_gaps`: a chunk that brought one token) that holds the
 pause itself (on the server's clock, from the reply's `clock`), split into "lead" (the
 stream's last token to the boundary) and "tail" (the new layout's first step starting to
-the stream's next token arriving);
-"step after" is the median streaming gap in the second after it (the new layout's step);
+the stream's next token arriving); "text gap" is the same over every chunk, also those
+that brought several tokens at once (the chat route sends no chunk while a token's text
+is held back, and the front end coalesces outputs it could not send one by one);
+"step after" is the median gap between consecutive tokens in the second after it (the
+new layout's decode step as clients see it) and "p90 after" their 90th percentile;
 "1st step" is the new layout's first step (the carried requests' decode) up to its tokens
 being sent; "pp hold" the wait for launched micro-batches when the old layout has PP;
 "decoded" the carried requests that continued as a decode batch (no re-prefill).
@@ -116,13 +120,12 @@ def main() -> int:
         rss_after = rss_mib(server.pid)
 
     streamed = [o for o in outcomes if o.job.streaming and o.error is None]
-    decode_step = statistics.median(
-        b - a for o in streamed for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False))
+    decode_step = statistics.median(b - a for o in streamed for a, b in o.token_gaps())
     print(f"\n# {reshapes} reshapes under load: {args.clients} clients, CPU, 2 ranks, tiny "
           f"Llama (float32); decode step (median streaming gap) {decode_step * 1e3:.1f} ms")
     print(f"{'#':>3} {'switch':>9} {'status':>6} {'downtime s':>10} {'wait s':>7} "
           f"{'wait-down':>9} {'max gap s':>9} {'gap-down':>8} {'pause gap':>9} "
-          f"{'lead':>6} {'tail':>6} {'step after':>10} "
+          f"{'lead':>6} {'tail':>6} {'text gap':>8} {'step after':>10} {'p90 after':>9} "
           f"{'gap from':>8} {'1st step':>8} {'pp hold':>7} {'straddling':>10} "
           f"{'carried':>7} {'decoded':>7} {'probe hit':>9}")
     for r in rows:
@@ -131,15 +134,19 @@ def main() -> int:
         r["max_gap_s"], r["gap_from_s"] = max(gaps, default=(0.0, 0.0))
         clock = r.get("clock", {})
         around = [g for o in streamed if "resumed" in clock
-                  for g in [o.gap_around(clock["boundary"], clock["resumed"])] if g]
+                  for g in [o.gap_around(clock["boundary"], clock["resumed"], tokens=True)]
+                  if g]
         a, b = max(around, key=lambda g: g[1] - g[0], default=(0.0, 0.0))
         r["pause_gap_s"] = b - a
         r["pause_gap_lead_s"] = clock["boundary"] - a if around else 0.0
         r["pause_gap_tail_s"] = b - clock["resumed"] if around else 0.0
-        after = [b - a for o in streamed for a, b in zip(o.chunk_times, o.chunk_times[1:],
-                                                           strict=False)
-                 if r["end"] + 0.1 < a and b < r["end"] + 1.0]
+        text = [g for o in streamed if "resumed" in clock
+                for g in [o.gap_around(clock["boundary"], clock["resumed"])] if g]
+        r["text_gap_s"] = max((b - a for a, b in text), default=0.0)
+        after = sorted(b - a for o in streamed for a, b in o.token_gaps()
+                       if r["end"] + 0.1 < a and b < r["end"] + 1.0)
         r["step_after_s"] = statistics.median(after) if after else float("nan")
+        r["p90_after_s"] = after[int(0.9 * (len(after) - 1))] if after else float("nan")
         r["straddling"] = sum(o.straddles(r["start"], r["end"]) for o in outcomes)
         old, new = r.get("old", {}), r.get("new", {})
         switch = f"{old.get('tp')}x{old.get('pp')}->{new.get('tp')}x{new.get('pp')}"
@@ -148,7 +155,8 @@ def main() -> int:
               f"{wait - down:>9.3f} {r['max_gap_s']:>9.3f} "
               f"{(r['max_gap_s'] - down) if gaps else float('nan'):>8.3f} "
               f"{r['pause_gap_s']:>9.3f} {r['pause_gap_lead_s']:>6.3f} "
-              f"{r['pause_gap_tail_s']:>6.3f} {r['step_after_s']:>10.3f} {r['gap_from_s']:>+8.3f} "
+              f"{r['pause_gap_tail_s']:>6.3f} {r['text_gap_s']:>8.3f} {r['step_after_s']:>10.3f} "
+              f"{r['p90_after_s']:>9.3f} {r['gap_from_s']:>+8.3f} "
               f"{r.get('first_step_s', 0.0):>8.3f} {r.get('pipeline_hold_s', 0.0):>7.3f} "
               f"{r['straddling']:>10} {r.get('requests_carried', 0):>7} "
               f"{r.get('requests_resumed_decoding', 0):>7} {r['probe_cached']:>9}")
@@ -172,6 +180,11 @@ def main() -> int:
         "pause_gap_within_downtime_plus_one_step": sum(
             r["pause_gap_s"] - r["downtime_s"] <= r["step_after_s"] for r in ok
             if r["pause_gap_s"]),
+        "pause_gap_within_downtime_plus_one_p90_step": sum(
+            r["pause_gap_s"] - r["downtime_s"] <= r["p90_after_s"] for r in ok
+            if r["pause_gap_s"]),
+        "pause_gap_excess_s_max": max((r["pause_gap_s"] - r["downtime_s"] - r["step_after_s"]
+                                       for r in ok if r["pause_gap_s"]), default=None),
         "reshapes_with_a_straddling_stream": sum(1 for r in ok if r["max_gap_s"]),
         "reshapes_with_a_stream_across_the_pause": sum(1 for r in ok if r["pause_gap_s"]),
         "probe_full_hits": sum(r["probe_cached"] >= len(probe) - 1 for r in rows),

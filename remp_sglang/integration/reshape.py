@@ -135,6 +135,7 @@ class RempRuntime:
     deferred: Any = None  # rank zero: a reshape's reply, sent at the new layout's first step
     reply: Any = None  # rank zero: that reply, sent once the first step's tokens are out
     flush_first: bool = False  # overlap: the loop's first batch streams before the second runs
+    ingest_skipped: bool = False  # ... and before new requests are taken in (once)
     resume: set[str] | None = None  # carried requests that continue as a decode batch
     decode_first: bool = False  # the new layout's first step decodes before any prefill
     downtime_model: DowntimeModel = field(default_factory=DowntimeModel)  # rank zero

@@ -193,7 +193,7 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
             order = wait_for_order(rt)
             _run(scheduler, rt, order, recv_req=None)
             continue
-        rt.flush_first = True
+        rt.flush_first, rt.ingest_skipped = True, False
         try:
             return original(scheduler)
         except RempLoopRestart:
@@ -391,6 +391,22 @@ def around_is_disable_overlap_for_batch(original: Any, scheduler: Any, batch: An
     return original(scheduler, batch, last_batch=last_batch)
 
 
+def around_ingest_requests(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """The overlap loop takes in new requests before it streams the previous batch's
+    tokens. Between the new layout's first batch and its tokens that would add the
+    requests queued during the pause (received, broadcast to the other ranks, queued: a
+    few ms on CPU) to the pause every streaming client sees; they are taken one step
+    later, once (a pause request among them is not held up). Every rank skips alike
+    (the same flags, the same batch)."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.flush_first and not rt.ingest_skipped and \
+            scheduler.enable_overlap and scheduler.last_batch is not None and \
+            rt.topology.pp == 1:
+        rt.ingest_skipped = True
+        return []
+    return original(scheduler, *args, **kwargs)
+
+
 def around_should_defer_prefill(original: Any, scheduler: Any, running_batch: Any) -> Any:
     """The carried requests' decode runs before any prefill on the new layout."""
     rt = runtime(scheduler)
@@ -510,8 +526,10 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
 
 def _first_step(rt: RempRuntime) -> None:
     """The new layout's first step starts: the downtime ends here. The reply waits for
-    that step's tokens (`_send_reply`), so that the clients' streams resume before the
-    front end turns to the reshape's answer."""
+    that step's tokens and goes with the next batch's launch (`after_run_batch`): the
+    front end answers the reshape on the event loop that also streams, and the answer
+    (which reaches it without the detokenizer's hop) would otherwise hold up the first
+    tokens after the pause."""
     report, recv_req, t_boundary, t_done = rt.deferred
     rt.deferred = None
     now = time.perf_counter()
@@ -524,26 +542,40 @@ def _first_step(rt: RempRuntime) -> None:
     rt.reply = (report, recv_req, now)
 
 
-def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
+def _first_out(rt: RempRuntime) -> None:
     """`first_step_s`: the new layout's first step, up to its tokens being sent (a
     streaming client's pause is about `downtime_s` plus this)."""
+    report, _, t_first = rt.reply
+    if "first_step_out" not in report["clock"]:
+        now = time.perf_counter()
+        report["first_step_s"] = round(now - t_first, 4)
+        report["clock"]["first_step_out"] = now
+
+
+def _send_reply(scheduler: Any, rt: RempRuntime) -> None:
     from .messages import RempReshapeReqOutput
 
-    report, recv_req, t_first = rt.reply
+    _first_out(rt)
+    report, recv_req, _ = rt.reply
     rt.reply = None
-    now = time.perf_counter()
-    report["first_step_s"] = round(now - t_first, 4)
-    report["clock"]["first_step_out"] = now
     out = RempReshapeReqOutput(report_json=json.dumps(report), nonce=recv_req.nonce)
     scheduler.send_control_output(out, recv_req)
 
 
 def after_process_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """The first batch on a new layout has streamed its tokens: answer the reshape."""
+    """The first batch on a new layout has streamed its tokens: time it."""
     rt = runtime(scheduler)
     if rt is not None:
         load_stats.count_batch(args[0] if args else kwargs.get("batch"))
     if rt is not None and rt.reply is not None:
+        _first_out(rt)
+    return None
+
+
+def after_run_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """The batch after the first tokens on a new layout has run: answer the reshape."""
+    rt = runtime(scheduler)
+    if rt is not None and rt.reply is not None and "first_step_out" in rt.reply[0]["clock"]:
         _send_reply(scheduler, rt)
     return None
 

@@ -5,7 +5,11 @@ out, streaming or not) or the OpenAI-compatible `/v1/completions` and
 `/v1/chat/completions` through the `openai` client (streaming or not). Every call is
 greedy with `ignore_eos`, so its output is a pure function of the prompt and the length:
 an `Outcome` can be compared exactly with an undisturbed run's. Streaming outcomes keep
-the arrival time of every chunk, so the largest gap a client saw is known.
+the arrival time of every chunk and how many tokens had arrived with it, so the largest
+gap a client saw is known, and so is the largest gap between two consecutive tokens: a
+chunk may carry several (SGLang's chat route sends no chunk while the detokenizer holds
+a token's text back, and any route coalesces outputs the front end was too busy to
+send one by one), and then the client never saw the tokens apart.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Outcome:
     job: Job
     output: list[int] | str | None = None  # token ids (/generate) or text (OpenAI)
     chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)  # tokens received so far, per chunk
     t_start: float = 0.0
     t_end: float = 0.0
     error: str | None = None
@@ -60,13 +65,23 @@ class Outcome:
         return max(((b - a, a - start) for a, b in zip(times, times[1:], strict=False)
                     if b >= start and a <= end), default=(0.0, 0.0))
 
-    def gap_around(self, start: float, end: float) -> tuple[float, float] | None:
+    def token_gaps(self) -> list[tuple[float, float]]:
+        """(arrival of a token, arrival of the next) for every chunk that brought exactly
+        one token more than the chunk before it."""
+        times, tokens = self.chunk_times, self.chunk_tokens
+        return [(times[i - 1], times[i]) for i in range(1, min(len(times), len(tokens)))
+                if tokens[i] - tokens[i - 1] == 1]
+
+    def gap_around(self, start: float, end: float,
+                   tokens: bool = False) -> tuple[float, float] | None:
         """The largest gap overlapping [start, end] (a pause, on the server's clock) as
         (its first chunk, its last chunk); None if the stream did not span it. A token made
-        before the pause may arrive during it: the gap after it is the one that counts."""
+        before the pause may arrive during it: the gap after it is the one that counts.
+        `tokens`: only gaps between two consecutive tokens (`token_gaps`)."""
         times = self.chunk_times
-        return max(((a, b) for a, b in zip(times, times[1:], strict=False)
-                    if a < end and b > start), key=lambda g: g[1] - g[0], default=None)
+        pairs = self.token_gaps() if tokens else zip(times, times[1:], strict=False)
+        return max(((a, b) for a, b in pairs if a < end and b > start),
+                   key=lambda g: g[1] - g[0], default=None)
 
     def straddles(self, start: float, end: float) -> bool:
         return self.t_start < start and self.t_end > end
@@ -126,6 +141,7 @@ def _generate(base_url: str, job: Job, out: Outcome, timeout_s: float,
             tokens = ids
             out.cached_tokens = (chunk.get("meta_info") or {}).get("cached_tokens")
             out.chunk_times.append(time.perf_counter())
+            out.chunk_tokens.append(len(ids))
         out.output = tokens
 
 
@@ -145,6 +161,8 @@ def _openai(base_url: str, job: Job, out: Outcome, model: str, timeout_s: float,
                            timeout=timeout_s, max_retries=0)
     common = {"model": model, "max_tokens": job.max_tokens, "temperature": 0.0,
               "stream": job.streaming, "extra_body": {"ignore_eos": True}}
+    if job.streaming:  # every chunk says how many tokens have been generated
+        common["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     chat = job.kind.startswith("chat")
     if chat:
         reply = client.chat.completions.create(
@@ -156,12 +174,15 @@ def _openai(base_url: str, job: Job, out: Outcome, model: str, timeout_s: float,
         out.chunk_times.append(time.perf_counter())
         return
     parts: list[str] = []
-    for chunk in reply:  # one chunk per token; its text may be empty (held back by the
-        if not chunk.choices:  # detokenizer until a character completes): still a token
+    for chunk in reply:
+        # The chat route opens with a chunk that only names the role (no usage, no token);
+        # the last chunk only reports usage (no choices).
+        if not chunk.choices or chunk.usage is None:
             continue
         piece = chunk.choices[0].delta.content if chat else chunk.choices[0].text
         parts.append(piece or "")
         out.chunk_times.append(time.perf_counter())
+        out.chunk_tokens.append(chunk.usage.completion_tokens)
     out.output = "".join(parts)
 
 
