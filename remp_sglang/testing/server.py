@@ -102,11 +102,13 @@ def server_command(
     tp: int = 1,
     pp: int = 1,
     dp: int = 1,
-    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+    max_total_tokens: int | None = DEFAULT_MAX_TOTAL_TOKENS,
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
-    """The ``launch_server`` command line for a CPU server."""
+    """The ``launch_server`` command line for a CPU server (``max_total_tokens=None``:
+    SGLang sizes the pool from the memory left, as on a GPU; ``extra_args`` come last,
+    so they override ``--mem-fraction-static``)."""
     return [
         python,
         "-m",
@@ -127,8 +129,7 @@ def server_command(
         "--attention-backend",
         "torch_native",
         "--disable-cuda-graph",
-        "--max-total-tokens",
-        str(max_total_tokens),
+        *(("--max-total-tokens", str(max_total_tokens)) if max_total_tokens else ()),
         "--mem-fraction-static",
         "0.1",
         "--dtype",
@@ -322,7 +323,7 @@ def launch_sglang_server(
     dp: int = 1,
     timeout: float = DEFAULT_STARTUP_TIMEOUT_S,
     *,
-    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
+    max_total_tokens: int | None = DEFAULT_MAX_TOTAL_TOKENS,
     log_dir: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
