@@ -9,7 +9,13 @@ busiest-rank bytes divided by the
 point-to-point bandwidth measured on the same backend, in the same run, with one large
 message (the best case the backend reaches).
 
-    python bench/migrate.py [--quick] [--json PATH] [--tokens N] [--staging-mib M]
+The ranks allocate with transparent huge pages (torch's `THP_MEM_ALLOC_ENABLE`; `--no-thp`
+turns it off): a new tensor then faults its memory in 2 MiB pages rather than 4 KiB ones.
+Per-page faults are a host-memory cost a GPU's caching allocator does not have; with 4 KiB
+pages they were most of "open s" (1.05 s of 1.42 s for TP 2 -> 1 in one run, 0.38 s of
+0.75 s with huge pages).
+
+    python bench/migrate.py [--quick] [--json PATH] [--tokens N] [--staging-mib M] [--no-thp]
 """
 
 from __future__ import annotations
@@ -237,7 +243,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     ap.add_argument("--skip-weights", action="store_true")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--no-thp", action="store_true", help="4 KiB pages for new tensors")
     args = ap.parse_args()
+    if not args.no_thp:  # read by each rank's torch at its first allocation
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     if args.tokens is None:
         args.tokens = 2048 if args.quick else 16384
     if args.quick:
@@ -258,7 +267,8 @@ def main() -> None:
               f"torch {torch.__version__}, gloo over loopback, world {world}"
     print(f"# bench/migrate.py on {machine}")
     print(f"# p2p bandwidth (one {args.p2p_mib} MiB message, same backend, same run): "
-          f"{result['p2p_GBps']:.2f} GB/s; staging {args.staging_mib} MiB")
+          f"{result['p2p_GBps']:.2f} GB/s; staging {args.staging_mib} MiB; "
+          f"{'4 KiB pages' if args.no_thp else 'transparent huge pages'}")
     print(f"# KV shape: {KV_SHAPE}; weights: {WEIGHT_MODEL.shape}, hidden "
           f"{WEIGHT_MODEL.hidden_size}, vocab {WEIGHT_MODEL.vocab_size}")
     print("# bound = busiest rank's max(sent, received) / one-way p2p bandwidth; raw = the "

@@ -581,8 +581,12 @@ class _Run:
         j = self._local_layer(self.new, layer)
         pool, s = self.new_pool, self.kv.shape
         heads = len(self.new.kv_head_range(self.rank, s.num_kv_heads))
-        both = torch.zeros(2, self.kv.new_num_slots, heads, s.head_dim,  # as SGLang makes it
+        # One allocation for K and V, as SGLang makes it. Slots no token holds are never
+        # read, so only the reserved ones (padding) are zeroed: writing the whole layer
+        # first would double the bytes written (and, on CPU, fault every page in).
+        both = torch.empty(2, self.kv.new_num_slots, heads, s.head_dim,
                            dtype=self.kv.dtype, device=self.device)
+        both[:, :self.kv.reserved_slots].zero_()
         pool.k[j], pool.v[j] = both[0], both[1]
         plan, old_pool = self.kv_plan, self.kv.old_pool
         for m in plan.keeps(self.rank):
