@@ -15,6 +15,10 @@ outputs at 48), arrival times compressed by `time_div` (1.5, 3 and 1: the same r
 offered that many times faster). A Mooncake block of 512 tokens becomes 10 tokens,
 each block hash always the same ids. Windows are those where the share of long prompts (over
 one replica's 506 tokens) shifts most between their halves (`sim.traces.shift_windows`).
+A fourth window is bimodal: the Azure conversation window's requests with the arrivals of
+its long prompts gathered into its middle third (`sim.traces.gather_long`: short only,
+a burst of long contexts among short ones, short only again), offered 3x faster, so that
+both halves of the mix saturate the server (`--windows bimodal` runs it alone).
 
 Every configuration runs the same server code: a fixed layout is the policy with that
 one candidate (it never switches, and SGLang refuses what the layout cannot hold, as
@@ -43,8 +47,10 @@ from remp_sglang.tiny_model import make_tiny_model
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"DP2": (2, 1, 1), "TP2": (1, 2, 1), "PP2": (1, 1, 2)}
 LONG = 507  # prompts a DP 2 replica cannot hold
-#: (trace, token_div, time_div, window length in trace seconds)
-TRACES = (("azure_conv", 8, 1.5, 60), ("mooncake", 48, 1.0, 60), ("azure_code", 12, 3.0, 120))
+BIMODAL_TIME_DIV = 3.0
+#: (trace, token_div, time_div, window length in trace seconds, bimodal)
+TRACES = (("azure_conv", 8, 1.5, 60, False), ("mooncake", 48, 1.0, 60, False),
+          ("azure_code", 12, 3.0, 120, False), ("azure_conv", 8, BIMODAL_TIME_DIV, 60, True))
 #: Knobs scaled to this machine: a switch pauses about 0.25 s here, so two seconds of
 #: dwell is eight pauses (the defaults are for GPUs, whose switches take longer).
 POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 2.0,
@@ -63,16 +69,19 @@ def prompt_ids(r: T.TraceRequest, index: int, block_tokens: int) -> tuple[int, .
 
 def windows(quick: bool) -> list[tuple[str, list[T.TraceRequest], int, dict]]:
     out = []
-    for name, token_div, time_div, length in TRACES[:2] if quick else TRACES:
+    for name, token_div, time_div, length, bimodal in TRACES[:2] if quick else TRACES:
         length = length // 2 if quick else length
         reqs = T.scale(T.load(name), token_div, 1.0, max_prompt=1000, max_output=48)
         start = T.shift_windows(reqs, length, LONG, 1)[0]
         chosen = T.scale(T.window(reqs, start, length), 1.0, time_div)
+        if bimodal:
+            chosen = T.gather_long(chosen, LONG)
         info = {"trace": name, "start_s": start, "trace_seconds": length,
                 "token_div": token_div, "time_div": time_div, "requests": len(chosen),
                 "long_share": round(T.long_share(chosen, LONG), 3),
-                "block_tokens": 512 // token_div}
-        out.append((f"{name}@{start:.0f}s", chosen, 512 // token_div, info))
+                "block_tokens": 512 // token_div, "bimodal": bimodal}
+        label = f"{name}@{start:.0f}s" + ("/bimodal" if bimodal else "")
+        out.append((label, chosen, 512 // token_div, info))
     return out
 
 
@@ -186,11 +195,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def report(rows: list[dict]) -> list[str]:
     lines = ["# trace replay on one 2-rank CPU server (tiny Llama float32): fixed layouts "
              "vs --remp-policy auto",
-             f"{'window':>18} {'config':>6} {'done':>9} {'fail':>4} {'tok/s':>7} "
+             f"{'window':>26} {'config':>6} {'done':>9} {'fail':>4} {'tok/s':>7} "
              f"{'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} {'TPOT p99':>8} {'hit':>5} "
              f"{'reshapes':>8}"]
     for r in rows:
-        lines.append(f"{r['window']:>18} {r['config']:>6} {r['completed']:>4}/{r['requests']:<4} "
+        lines.append(f"{r['window']:>26} {r['config']:>6} {r['completed']:>4}/{r['requests']:<4} "
                      f"{r['failed']:>4} {r['throughput_tok_s']:>7.1f} {r['ttft_p50_s']:>8.2f} "
                      f"{r['ttft_p99_s']:>8.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>8.3f} "
                      f"{r['hit_rate']:>5.2f} {r['reshapes']:>8}")
@@ -217,9 +226,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--configs", default="DP2,TP2,PP2,auto")
+    parser.add_argument("--windows", default=None,
+                        help="comma-separated substrings: only the windows whose label has one")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "trace_replay")
     args = parser.parse_args()
     wins = windows(args.quick)
+    if args.windows:
+        wins = [w for w in wins if any(k in w[0] for k in args.windows.split(","))]
     for label, reqs, _, info in wins:
         print(f"window {label}: {len(reqs)} requests over {reqs[-1].t:.0f}s, "
               f"long share {info['long_share']}", flush=True)

@@ -82,6 +82,19 @@ def test_shift_windows_finds_where_the_mix_changes() -> None:
 
 
 # -- layouts, hardware, switch bytes -----------------------------------------------------
+def test_gather_long_makes_a_bimodal_window_of_the_same_requests() -> None:
+    reqs = [TraceRequest(float(i), 600 if i % 5 == 0 else 20, 3) for i in range(30)]
+    out = traces.gather_long(reqs, 507)
+    assert sorted((r.prompt, r.output) for r in out) == sorted((r.prompt, r.output)
+                                                               for r in reqs)
+    assert [r.t for r in out] == sorted(r.t for r in out)
+    longs = [r.t for r in out if r.prompt >= 507]
+    assert min(longs) >= 29 / 3 and max(longs) < 2 * 29 / 3
+    assert all(a.t == b.t for a, b in zip([r for r in out if r.prompt < 507],
+                                          [r for r in reqs if r.prompt < 507], strict=True))
+    assert traces.gather_long([], 507) == []
+
+
 def test_candidates_follow_the_memory_rule() -> None:
     cands = {c.layout: c for c in layouts.candidates(LLAMA3_70B, H100, 8)}
     assert (8, 1, 1) not in cands  # 141 GB of weights on one 80 GB GPU
