@@ -13,7 +13,8 @@ greedy tokens. A second server, launched as two data-parallel replicas
 (``--dp-size 2``), merges them into one TP 2 instance and splits them back, the same
 way. For each layout it also times a full restart (a fresh server at that
 layout, launch to first token) in the same run, and prints one table: downtime, the
-API call's wait and the largest gap a streaming client saw, next to the restart.
+API call's wait and the largest gap between two tokens a streaming client saw across the
+pause, next to the restart.
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def reshape_live(model_dir: Path, out: Path, launch: tuple[int, int, int],
         for dp, tp, pp in layouts:
             clients = Background(server.base_url, streams, "")
             time.sleep(0.5)  # the streams are decoding when the reshape comes
-            start = time.perf_counter()
             response = server.post("/remp/reshape", {"dp": dp, "tp": tp, "pp": pp},
                                    timeout=600)
-            end = time.perf_counter()
             response.raise_for_status()
             report = response.json()
             streamed = clients.wait()
-            report["client_gap_s"] = max(o.gap_during(start, end) for o in streamed)
+            # the largest gap between two consecutive tokens that holds the pause (its
+            # instants on the server's clock, which the clients share)
+            clock = report.get("clock", {})
+            around = [g for o in streamed if "resumed" in clock
+                      for g in [o.gap_around(clock["boundary"], clock["resumed"], tokens=True)]
+                      if g]
+            report["client_gap_s"] = max((b - a for a, b in around), default=0.0)
             report["streams_ok"] = [o.output for o in streamed] == undisturbed
             outputs, cached_after = traffic(server)
             topo = server.get("/remp/topology").json()

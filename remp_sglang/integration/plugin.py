@@ -211,7 +211,7 @@ def _enable_subprocess(config: RempConfig) -> None:
             ("Scheduler.on_idle", hooks.around_on_idle, HookType.AROUND),
             ("Scheduler.process_batch_result", hooks.after_process_batch_result,
              HookType.AFTER),
-            ("Scheduler.run_batch", hooks.after_run_batch, HookType.AFTER),
+            ("Scheduler.run_batch", hooks.around_run_batch, HookType.AROUND),
             ("Scheduler.is_disable_overlap_for_batch",
              hooks.around_is_disable_overlap_for_batch, HookType.AROUND),
             ("Scheduler._should_defer_prefill", hooks.around_should_defer_prefill,

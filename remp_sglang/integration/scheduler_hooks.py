@@ -526,7 +526,7 @@ def _run(scheduler: Any, rt: RempRuntime, order: ReshapeOrder, recv_req: Any,
 
 def _first_step(rt: RempRuntime) -> None:
     """The new layout's first step starts: the downtime ends here. The reply waits for
-    that step's tokens and goes with the next batch's launch (`after_run_batch`): the
+    that step's tokens and goes with the next batch (`around_run_batch`): the
     front end answers the reshape on the event loop that also streams, and the answer
     (which reaches it without the detokenizer's hop) would otherwise hold up the first
     tokens after the pause."""
@@ -572,12 +572,21 @@ def after_process_batch_result(result: Any, scheduler: Any, *args: Any, **kwargs
     return None
 
 
-def after_run_batch(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """The batch after the first tokens on a new layout has run: answer the reshape."""
+def around_run_batch(original: Any, scheduler: Any, batch: Any, *args: Any,
+                     **kwargs: Any) -> Any:
+    """The batch after the first tokens on a new layout: the reshape is answered once a
+    decode batch has run (the front end streams those tokens first), or before a prefill
+    (the requests queued during the pause: the caller need not wait for them)."""
     rt = runtime(scheduler)
-    if rt is not None and rt.reply is not None and "first_step_out" in rt.reply[0]["clock"]:
+    ready = rt is not None and rt.reply is not None and \
+        "first_step_out" in rt.reply[0]["clock"]
+    if ready and not batch.forward_mode.is_decode():
         _send_reply(scheduler, rt)
-    return None
+        ready = False
+    result = original(scheduler, batch, *args, **kwargs)
+    if ready:
+        _send_reply(scheduler, rt)
+    return result
 
 
 def _caused_by(error: BaseException, kind: type) -> bool:
