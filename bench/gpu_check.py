@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,14 +44,9 @@ sys.path.insert(0, str(ROOT))
 from remp_sglang import _ext, kernels, kernels_ref  # noqa: E402
 from remp_sglang.comm import Communicator  # noqa: E402
 from remp_sglang.engine import KVPart, KVPool, SlotFlow, WeightPart, relayout  # noqa: E402
+from remp_sglang.ports import free_port  # noqa: E402
 from remp_sglang.topology import ModelShape, Topology  # noqa: E402
 from remp_sglang.weights import DenseDecoder, dense_decoder_params, local_shape  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def step_build(out: Path) -> dict:
@@ -141,7 +135,7 @@ def step_engine(device: torch.device, quick: bool) -> dict:
     slots = 2048 if quick else 16384
     dtype, staging = torch.bfloat16, 64 << 20
     topo = Topology(1, 1, 1)
-    comm = Communicator.gloo("127.0.0.1", _port(), 0, 1, timeout_s=60)
+    comm = Communicator.gloo("127.0.0.1", free_port(), 0, 1, timeout_s=60)
     try:
         k, v = _pools(shape.num_layers, slots, shape.num_kv_heads, shape.head_dim, dtype,
                       device, seed=3)
@@ -216,7 +210,7 @@ def _nccl_rank(rank: int, port: int, results) -> None:
 
 def step_two_ranks_one_gpu() -> dict:
     ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), _port()
+    results, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_nccl_rank, args=(r, port, results)) for r in (0, 1)]
     for p in procs:
         p.start()

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from remp_sglang.engine import (  # noqa: E402
     reshard_weights,
 )
 from remp_sglang.planner import plan_kv  # noqa: E402
+from remp_sglang.ports import free_port  # noqa: E402
 from remp_sglang.topology import ModelShape, Topology  # noqa: E402
 from remp_sglang.weights import (  # noqa: E402
     DenseDecoder,
@@ -252,9 +252,7 @@ def main() -> None:
     if args.quick:
         args.p2p_mib = min(args.p2p_mib, 64)
     world = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 
@@ -17,14 +16,11 @@ import pytest
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError
+from remp_sglang.ports import free_port
 
 WORLD = 3
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank(rank: int, port: int, errors, results) -> None:
@@ -101,7 +97,7 @@ def _rank(rank: int, port: int, errors, results) -> None:
 def test_agreement_is_decided_by_rank_zero_and_bounded() -> None:
     ctx = mp.get_context("spawn")
     errors, results = ctx.Queue(), ctx.Queue()
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, errors, results)) for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -140,7 +136,7 @@ def test_data_moves_on_its_device() -> None:
     assert transport_for(torch.device("cuda", 1)) == "nccl"
     with pytest.raises(ValueError, match="meta"):
         transport_for(torch.device("meta"))
-    comm = Communicator.gloo("127.0.0.1", _port(), 0, 1, timeout_s=10)
+    comm = Communicator.gloo("127.0.0.1", free_port(), 0, 1, timeout_s=10)
     try:
         assert comm.data_group(torch.device("cpu")) is comm.pg
         assert comm.exchange({}, {}, tag=comm.next_tag()) == []
@@ -169,7 +165,7 @@ def _nccl_rank(rank: int, port: int, errors, results) -> None:
 def test_cuda_exchange_goes_through_nccl() -> None:
     ctx = mp.get_context("spawn")
     errors, results = ctx.Queue(), ctx.Queue()
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=_nccl_rank, args=(r, port, errors, results)) for r in (0, 1)]
     for p in procs:
         p.start()

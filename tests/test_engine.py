@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import traceback
 
 import pytest
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 
 from remp_sglang.comm import Communicator, MigrationError
 from remp_sglang.engine import KVPool, migrate_kv, remap_slots, reshard_weights
+from remp_sglang.ports import free_port
 from remp_sglang.predict import predict_transfer
 from remp_sglang.topology import ModelShape, Topology, layouts
 from remp_sglang.weights import (
@@ -37,10 +37,6 @@ SHAPES = {
 OLD_SLOTS = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def full_pool(shape: ModelShape, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -48,13 +48,3 @@ def test_building_in_key_order_cannot_deadlock():
         for key in ready:
             for r in members(key):
                 todo[r].pop(0)
-
-
-def test_rendezvous_ports_avoid_the_ports_the_server_binds_later(monkeypatch):
-    """A world's rendezvous once took SGLang's HTTP port (free while the schedulers
-    start), and the server then failed to bind it."""
-    from remp_sglang.integration import config
-
-    offered = iter([30000, 30000, 41000, 30001, 42000])
-    monkeypatch.setattr(config, "free_port", lambda: next(offered))
-    assert config.free_ports(3, {41000}) == [30000, 30001, 42000]

@@ -87,26 +87,6 @@ class RempConfig:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_ports(count: int, taken: set[int]) -> list[int]:
-    """`count` distinct free ports, none of them in `taken` (ports the server binds later:
-    a rendezvous on SGLang's HTTP port, free while the schedulers start, made its bind
-    fail)."""
-    out: list[int] = []
-    while len(out) < count:
-        port = free_port()
-        if port not in taken and port not in out:
-            out.append(port)
-    return out
-
-
 def config_from_env(environ: Mapping[str, str] | None = None) -> RempConfig | None:
     """The configuration the launcher exported, or None when ``--remp`` is off."""
     text = (os.environ if environ is None else environ).get(ENV_CONFIG)

@@ -35,9 +35,10 @@ from remp_sglang.engine import CapacityError
 from remp_sglang.memory import launch_budgets
 from remp_sglang.topology import Topology
 
+from ..ports import free_ports
 from . import load_stats
 from .cache_state import kv_digest
-from .config import config_from_env, free_ports
+from .config import config_from_env
 from .layouts import allowed_layouts
 from .model_state import decoder_of
 from .reshape import (

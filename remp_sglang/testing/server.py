@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from typing import Any
 
 import requests
 
+from remp_sglang.ports import free_port
+
 #: Start-up to healthy takes 20-60 s on 2 busy cores; leave room for a loaded machine.
 DEFAULT_STARTUP_TIMEOUT_S = 300.0
 DEFAULT_MAX_TOTAL_TOKENS = 4096
@@ -36,13 +37,6 @@ _NO_NCCL = "/nonexistent/remp-sglang/libnccl.so.2"
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message has the log tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free now (another process may still take it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _format_cpus(cpus: Sequence[int]) -> str:
@@ -336,7 +330,7 @@ def launch_sglang_server(
     ``ServerStartError`` with the log tail, after killing the process group, if the
     server exits or is not healthy within ``timeout`` seconds.
     """
-    port = port or free_port(host)
+    port = port or free_port()
     log_root = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="sglang-"))
     log_root.mkdir(parents=True, exist_ok=True)
     log_path = log_root / f"sglang-dp{dp}-tp{tp}-pp{pp}-{port}.log"
