@@ -2,7 +2,8 @@
 
 The server runs as a subprocess in its own session (process group), so that teardown
 can reach every scheduler, tokenizer and detokenizer process it spawned. Only the
-standard library and ``requests`` are imported: the harness works in an environment
+standard library, ``requests`` and ``remp_sglang.ports`` (standard library only) are
+imported: the harness works in an environment
 where SGLang is installed for the subprocess's interpreter but never imported here.
 
 The flags and environment follow ``shared/design/sglang-on-cpu.md``: the CPU engine,
