@@ -104,36 +104,15 @@ def restore(scheduler: Any, held: list) -> None:
         scheduler.waiting_queue[:0] = held
 
 
-def around_calc_priority(original: Any, policy: Any, waiting_queue: list,
-                         running_batch: Any = None, *args: Any, **kwargs: Any) -> Any:
-    """SGLang's queue order, then the prompts only a merged layout holds moved first,
-    as many as the free KV holds now (`wide_first`): one that does not fit would stop
-    SGLang's admission at the head of the queue, so it keeps its place and the short
-    ones behind it still run. Stable, and alike on every rank of a replica."""
-    result = original(policy, waiting_queue, running_batch, *args, **kwargs)
+def around_calc_priority(original: Any, policy: Any, waiting_queue: list, *args: Any,
+                         **kwargs: Any) -> Any:
+    """SGLang's queue order, then the prompts only a merged layout holds first (stable,
+    so SGLang's order holds within each part; every rank of a replica orders alike)."""
+    result = original(policy, waiting_queue, *args, **kwargs)
     wide = COUNTERS.wide_from
     if wide and any(len(r.origin_input_ids) >= wide for r in waiting_queue):
-        free = free_kv(policy.tree_cache, running_batch)
-        first = []
-        for req in waiting_queue:
-            need = len(req.origin_input_ids) + (req.sampling_params.max_new_tokens or 0)
-            if len(req.origin_input_ids) >= wide and need <= free:
-                first.append(req)
-                free -= need
-        if first:
-            ids = {id(r) for r in first}
-            waiting_queue[:] = first + [r for r in waiting_queue if id(r) not in ids]
+        waiting_queue.sort(key=lambda r: len(r.origin_input_ids) < wide)
     return result
-
-
-def free_kv(tree: Any, running_batch: Any) -> int:
-    """KV slots free for new requests: free and evictable, less what the running
-    requests may still generate (a bound SGLang's own admission never exceeds: it
-    scales those by its new-token ratio, at most 1)."""
-    free = int(tree.token_to_kv_pool_allocator.available_size()) + int(tree.evictable_size())
-    for req in getattr(running_batch, "reqs", None) or ():
-        free -= max(0, (req.sampling_params.max_new_tokens or 0) - len(req.output_ids))
-    return free
 
 
 def count_batch(batch: Any) -> None:

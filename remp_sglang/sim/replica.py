@@ -2,8 +2,7 @@
 
 The model of a scheduler step (SGLang's, simplified):
 - Admission is FCFS over the queue (under `auto`, the prompts only a merged layout
-  holds first, as far as the free KV holds them: `policy.wide_from`, as the server's
-  schedulers). A request whose prompt
+  holds first: `policy.wide_from`, as the server's schedulers). A request whose prompt
   the replica cannot hold (prompt >= max_input) is HELD: skipped, left in the queue for
   a layout that holds it.
   Others are admitted while the running requests' reserved KV (prompt + output each:
@@ -123,24 +122,12 @@ class Replica:
             self.cache.popitem(last=False)
             self.counters.evicted += self.block_tokens
 
-    def _order(self) -> list[Job]:
-        """The queue in admission order: FCFS, with the prompts only a merged layout
-        holds moved first as far as the free KV holds them (the server's
-        `load_stats.around_calc_priority`)."""
-        if not self.wide_from:
-            return list(self.queue)
-        free, first = self.spec.capacity - self.reserved, []
-        for job in self.queue:
-            if job.prompt >= self.wide_from and self.holds(job) and job.footprint <= free:
-                first.append(job)
-                free -= job.footprint
-        taken = {id(j) for j in first}
-        return first + [j for j in self.queue if id(j) not in taken]
-
     def _admit(self) -> list[Job]:
         batch: list[Job] = []
         reserved, tokens = self.reserved, 0
-        for job in self._order():
+        order = sorted(self.queue, key=lambda j: j.prompt < self.wide_from) \
+            if self.wide_from else self.queue
+        for job in order:
             if not self.holds(job):
                 continue
             if len(self.running) + len(batch) >= self.spec.max_running:
