@@ -26,9 +26,6 @@ same code. The rule:
   than that). A request held because the current layout cannot hold it forces the best
   layout that serves it once it has waited `max_hold_s`, or at once when no other
   request is waiting.
-- While merged, the schedulers admit first the prompts that only a merged layout holds
-  (`wide_first`, `wide_from`): the long requests are served first and the running ones
-  soon fit a replica again, so the split back is not held up behind the short backlog.
 """
 
 from __future__ import annotations
@@ -101,9 +98,6 @@ class PolicyConfig:
     max_hold_s: float = 3.0  # a held request forces a layout that serves it after this
     default_downtime_s: float = 1.0  # a switch's cost before one has been measured
     hold_timeout_s: float = 60.0  # a held request no reshape serves is refused after this
-    # while a layout wider than the narrowest candidate serves, admit first the prompts
-    # only such a layout holds: they are done sooner, and the split back sooner (Amoeba)
-    wide_first: bool = True
     candidates: tuple[Layout, ...] = ()  # () = every layout that uses all the ranks
     hardware: dict | None = None  # overrides of the step-time model's `perf.Hardware`
 
@@ -180,15 +174,6 @@ class Decision:
         data = asdict(self)
         data["current"], data["target"] = list(self.current), list(self.target)
         return data
-
-
-def wide_from(candidates: Sequence[Candidate], config: PolicyConfig) -> int:
-    """Prompts at least this long are admitted first (0: no reordering): those the
-    narrowest candidate cannot hold, when some candidate can and `wide_first` is on."""
-    if not config.wide_first or not candidates:
-        return 0
-    narrowest = min(c.max_input for c in candidates)
-    return narrowest if narrowest < max(c.max_input for c in candidates) else 0
 
 
 def key(layout: Layout) -> str:

@@ -18,7 +18,6 @@ from remp_sglang.policy import (
     decide,
     estimate_demand,
     goodput,
-    wide_from,
 )
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder
@@ -256,12 +255,3 @@ def test_a_held_request_waits_only_while_others_queue():
     idle = Server(DP2)
     decision = idle.tick(arrived=long(1), held=long(1), held_wait_s=0.2)
     assert decision.switch and "nothing else queued" in decision.reason
-
-
-def test_wide_first_threshold_is_the_narrowest_candidates_limit():
-    """Prompts the narrowest layout (DP 2: 506) cannot hold are admitted first while a
-    wider one serves; with one width, or the knob off, SGLang's order stays."""
-    assert wide_from(CANDIDATES, FAST) == 506
-    assert wide_from(CANDIDATES[1:], FAST) == 0  # TP 2 and PP 2 hold the same prompts
-    assert wide_from(CANDIDATES, PolicyConfig(wide_first=False)) == 0
-    assert wide_from([], FAST) == 0

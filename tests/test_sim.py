@@ -289,19 +289,6 @@ def test_held_requests_are_reported_then_refused_after_the_hold_timeout(monkeypa
     assert sum(len(s.arrived) for s in samples) == res.arrived  # refused ones arrived too
 
 
-def test_a_merged_replica_admits_the_prompts_only_it_holds_first() -> None:
-    """`wide_from`: a long prompt queued behind short ones is admitted first; within
-    each part the order stays FCFS; without the threshold, plain FCFS."""
-    spec = layouts.candidate(LLAMA3_8B, H100, Topology(1, 1, 1, 1))
-    model = StepModel(LLAMA3_8B.decoder, H100)
-    for wide, first in ((0, [0, 1]), (4000, [2, 3])):
-        rep = Replica(spec, model, wide_from=wide)
-        rep.queue.extend([Job(0, 0.0, 100, 8), Job(1, 0.1, 120, 8),
-                          Job(2, 0.2, 5000, 8), Job(3, 0.3, 4500, 8)])
-        assert rep.start(1.0, 1.0)
-        assert [j.id for j in rep.running][:2] == first
-
-
 def test_validation_fits_recover_known_models() -> None:
     rows = [validate.MeasuredReshape((1, 2, 1), (1, 1, 1), b, b / 1e8, 0.25 + b / 1e8)
             for b in (1_000_000, 5_000_000, 9_000_000)]

@@ -33,7 +33,6 @@ class LoadCounters:
     evicted: int = 0
     refused: int = 0
     hold_up_to: int = 0  # prompts shorter than this are held, not refused (0: hold none)
-    wide_from: int = 0  # prompts at least this long are admitted first (0: SGLang's order)
     held_since: dict[str, float] = field(default_factory=dict)  # rid -> first held
 
     def reset(self) -> None:
@@ -102,17 +101,6 @@ def without_held(scheduler: Any) -> list:
 def restore(scheduler: Any, held: list) -> None:
     if held:
         scheduler.waiting_queue[:0] = held
-
-
-def around_calc_priority(original: Any, policy: Any, waiting_queue: list, *args: Any,
-                         **kwargs: Any) -> Any:
-    """SGLang's queue order, then the prompts only a merged layout holds first (stable,
-    so SGLang's order holds within each part; every rank of a replica orders alike)."""
-    result = original(policy, waiting_queue, *args, **kwargs)
-    wide = COUNTERS.wide_from
-    if wide and any(len(r.origin_input_ids) >= wide for r in waiting_queue):
-        waiting_queue.sort(key=lambda r: len(r.origin_input_ids) < wide)
-    return result
 
 
 def count_batch(batch: Any) -> None:

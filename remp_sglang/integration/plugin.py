@@ -225,9 +225,6 @@ def _enable_subprocess(config: RempConfig) -> None:
         ):
             HookRegistry.register(f"{_SCHEDULER_MODULE}.{target}", fn, kind)
         HookRegistry.register(
-            "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority",
-            load_stats.around_calc_priority, HookType.AROUND)
-        HookRegistry.register(
             "sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_only",
             around_load_weights_only,
             HookType.AROUND,

@@ -152,24 +152,18 @@ def _prepare_worlds(scheduler: Any, rt: RempRuntime, config: Any) -> None:
 
 def _hold_for_wider_layouts(scheduler: Any, rt: RempRuntime, config: Any) -> None:
     """Under the automatic policy, a prompt that some candidate layout admits is held
-    rather than refused: the policy reshapes to a layout that serves it; and while a
-    wider layout serves, such prompts are admitted first (`policy.wide_from`)."""
-    from remp_sglang.policy import Candidate, PolicyConfig, wide_from
-
+    rather than refused: the policy reshapes to a layout that serves it."""
     from .layouts import max_input_of, policy_candidates
 
-    candidates = []
+    longest = 0
     for topo in policy_candidates(config, scheduler.model_config.hf_config,
                                   cpu=scheduler.device == "cpu"):
         try:
             capacity = rt.capacity_for(topo)
         except CapacityError:
             continue
-        candidates.append(Candidate(topo, capacity, max_input_of(
-            scheduler.model_config.context_len, capacity)))
-    load_stats.COUNTERS.hold_up_to = max((c.max_input for c in candidates), default=0)
-    load_stats.COUNTERS.wide_from = wide_from(
-        candidates, PolicyConfig.from_dict(config.policy_settings or {}))
+        longest = max(longest, max_input_of(scheduler.model_config.context_len, capacity))
+    load_stats.COUNTERS.hold_up_to = longest
 
 
 def _prewarm_vocab_mask(device: Any) -> None:

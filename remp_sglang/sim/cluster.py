@@ -26,15 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from remp_sglang.perf import Hardware, StepModel
-from remp_sglang.policy import (
-    Candidate,
-    Decision,
-    LoadSample,
-    Policy,
-    PolicyConfig,
-    Req,
-    wide_from,
-)
+from remp_sglang.policy import Candidate, Decision, LoadSample, Policy, PolicyConfig, Req
 from remp_sglang.topology import replica_sources
 
 from . import layouts, switch
@@ -90,7 +82,6 @@ class Cluster:
                              policy_config or PolicyConfig(), current=start) if auto else None
         held = self.candidates if auto else [self.by_layout[start]]
         self.refuse_at = max(c.max_input for c in held)
-        self.wide_from = wide_from(self.candidates, self.policy.config) if auto else 0
         self.replicas = self._build(self.by_layout[start])
         self.paused_until = 0.0
         self.pending: Decision | None = None
@@ -105,8 +96,7 @@ class Cluster:
         return self.replicas[0].spec.layout
 
     def _build(self, spec: Candidate) -> list[Replica]:
-        return [Replica(spec, self.step_model, self.block_tokens, self.wide_from)
-                for _ in range(spec.topo.dp)]
+        return [Replica(spec, self.step_model, self.block_tokens) for _ in range(spec.topo.dp)]
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, trace: Sequence[TraceRequest], duration_s: float,

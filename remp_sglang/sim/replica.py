@@ -1,10 +1,8 @@
 """One simulated replica: its queue, continuous batching and prefix cache.
 
 The model of a scheduler step (SGLang's, simplified):
-- Admission is FCFS over the queue (under `auto`, the prompts only a merged layout
-  holds first: `policy.wide_from`, as the server's schedulers). A request whose prompt
-  the replica cannot hold (prompt >= max_input) is HELD: skipped, left in the queue for
-  a layout that holds it.
+- Admission is FCFS over the queue. A request whose prompt the replica cannot hold
+  (prompt >= max_input) is HELD: skipped, left in the queue for a layout that holds it.
   Others are admitted while the running requests' reserved KV (prompt + output each:
   no retraction, no new-token ratio) leaves room, up to `max_running` requests and
   `MAX_PREFILL_TOKENS` new tokens a batch (at least one request); the first that does
@@ -76,7 +74,6 @@ class Replica:
     spec: Candidate
     model: StepModel
     block_tokens: int = 512
-    wide_from: int = 0  # prompts this long are admitted first (`policy.wide_from`)
     queue: deque[Job] = field(default_factory=deque)
     running: list[Job] = field(default_factory=list)
     cache: OrderedDict[int, None] = field(default_factory=OrderedDict)
@@ -125,9 +122,7 @@ class Replica:
     def _admit(self) -> list[Job]:
         batch: list[Job] = []
         reserved, tokens = self.reserved, 0
-        order = sorted(self.queue, key=lambda j: j.prompt < self.wide_from) \
-            if self.wide_from else self.queue
-        for job in order:
+        for job in self.queue:
             if not self.holds(job):
                 continue
             if len(self.running) + len(batch) >= self.spec.max_running:
