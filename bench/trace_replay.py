@@ -22,14 +22,12 @@ both halves of the mix saturate the server (`--windows bimodal` runs it alone).
 
 Every configuration runs the same server code: a fixed layout is the policy with that
 one candidate (it never switches, and SGLang refuses what the layout cannot hold, as
-without remp); auto has every layout. `--configs ...,PP2wf` adds an ablation: PP 2 with
-every candidate but the policy paused, i.e. auto's queue order (`wide_first`) without a
-reshape. The best fixed layout is named twice when they differ: the best of those that
-serve every request, and the best by tokens/s (DP 2 refuses the long prompts and
-finishes sooner on the rest). Per (window, configuration): requests completed
-and refused or failed, throughput (output tokens/s over the replay), TTFT and TPOT p50
-and p99, prefix cache hit rate, reshapes. The plot: throughput, queue and KV usage
-over time, one line per configuration, reshapes marked.
+without remp); auto has every layout. The best fixed layout is named twice when they
+differ: the best of those that serve every request, and the best by tokens/s (DP 2
+refuses the long prompts and finishes sooner on the rest). Per (window, configuration):
+requests completed and refused or failed, throughput (output tokens/s over the
+replay), TTFT and TPOT p50 and p99, prefix cache hit rate, reshapes. The plot:
+throughput, queue and KV usage over time, one line per configuration, reshapes marked.
 """
 
 from __future__ import annotations
@@ -50,9 +48,6 @@ from remp_sglang.tiny_model import make_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"DP2": (2, 1, 1), "TP2": (1, 2, 1), "PP2": (1, 1, 2)}
-#: Ablation: PP 2 held (the policy paused) with auto's queue order (`wide_first`), to
-#: show how much of auto's gain the order alone gives (not run by default).
-PAUSED = {"PP2wf": (1, 1, 2)}
 LONG = 507  # prompts a DP 2 replica cannot hold
 BIMODAL_TIME_DIV = 3.0
 #: (trace, token_div, time_div, window length in trace seconds, bimodal)
@@ -133,7 +128,7 @@ def run_config(name: str, layouts: list[tuple[int, int, int]], wins: list, out: 
     with launch_sglang_server(model_dir, tp=1, dp=2, extra_args=args, log_dir=out / name,
                               max_total_tokens=512) as server:
         url, model = server.base_url, str(model_dir)
-        start = FIXED.get(name) or PAUSED.get(name) or FIXED["DP2"]
+        start = FIXED[name] if name in FIXED else FIXED["DP2"]
         print(f"[{name}] server healthy after {server.startup_s:.1f}s", flush=True)
         for label, reqs, block_tokens, info in wins:
             server.post("/remp/policy", {"paused": True}).raise_for_status()
@@ -146,8 +141,7 @@ def run_config(name: str, layouts: list[tuple[int, int, int]], wins: list, out: 
             switches0 = len(before.get("switches", []))
             series0 = server.get("/remp/policy?series=1").json().get("series") or [{"t": 0}]
             t0 = series0[-1]["t"]
-            if name not in PAUSED:
-                server.post("/remp/policy", {"paused": False}).raise_for_status()
+            server.post("/remp/policy", {"paused": False}).raise_for_status()
             outcomes, wall = replay(url, model, reqs, block_tokens)
             time.sleep(1.0)  # the last sample
             after = server.get("/remp/policy?series=1").json()
@@ -173,8 +167,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     labels = list(dict.fromkeys(r["window"] for r in rows))
     fig, axes = plt.subplots(3, len(labels), figsize=(6 * len(labels), 9), squeeze=False)
-    colors = {"DP2": "tab:blue", "TP2": "tab:orange", "PP2": "tab:green", "auto": "black",
-              "PP2wf": "tab:purple"}
+    colors = {"DP2": "tab:blue", "TP2": "tab:orange", "PP2": "tab:green", "auto": "black"}
     for col, label in enumerate(labels):
         for r in (r for r in rows if r["window"] == label):
             s = r["series"]
@@ -235,12 +228,6 @@ def report(rows: list[dict]) -> list[str]:
                 f"{fixed[best]['throughput_tok_s']:.1f}{refused} ({ratio:.2f}x); auto TTFT "
                 f"p99 {auto['ttft_p99_s']:.2f}s vs worst fixed {worst_ttft:.2f}s; "
                 f"reshapes {auto['reshapes']}")
-        for name in PAUSED:
-            if name in per:
-                ratio = per[name]["throughput_tok_s"] / max(auto["throughput_tok_s"], 1e-9)
-                lines.append(f"{label}: ablation {name} (PP 2, auto's queue order, no "
-                             f"reshape) {per[name]['throughput_tok_s']:.1f} tok/s "
-                             f"({ratio:.2f}x auto)")
     return lines
 
 
@@ -263,8 +250,8 @@ def main() -> int:
     model_dir = make_tiny_model(args.out / "llama", "llama")
     rows = []
     for name in args.configs.split(","):
-        if name not in FIXED and name not in PAUSED and name != "auto":
-            parser.error(f"unknown config {name}: {[*FIXED, *PAUSED, 'auto']}")
+        if name not in FIXED and name != "auto":
+            parser.error(f"unknown config {name}: {[*FIXED, 'auto']}")
         layouts = [FIXED[name]] if name in FIXED else list(FIXED.values())
         rows += run_config(name, layouts, wins, args.out, model_dir)
     lines = report(rows)
