@@ -10,15 +10,19 @@ replicas of 512 KV slots each: prompts up to 506 tokens), TP 2 and PP 2 (one ins
 1024 slots: up to 1018), and auto (starts at DP 2, reshapes by itself).
 
 Scaling to the tiny model and this machine: token counts divided by `token_div` (8 for
-Azure conversation, 12 for Azure code, 48 for Mooncake; prompts capped at 1000 tokens,
-outputs at 48), arrival times compressed by `time_div` (1.5, 3 and 1: the same requests
-offered that many times faster). A Mooncake block of 512 tokens becomes 10 tokens,
-each block hash always the same ids. Windows are those where the share of long prompts (over
-one replica's 506 tokens) shifts most between their halves (`sim.traces.shift_windows`).
-A fourth window is bimodal: the Azure conversation window's requests with the arrivals of
-its long prompts gathered into its middle third (`sim.traces.gather_long`: short only,
-a burst of long contexts among short ones, short only again), offered 3x faster, so that
-both halves of the mix saturate the server (`--windows bimodal` runs it alone).
+Azure conversation, 12 for Azure code, 48 for Mooncake; prompts capped at 960 tokens,
+outputs at 48, so that every request fits the merged pool), arrival times compressed
+by `time_div` (1.5, 3 and 1: the same requests offered that many times faster). A
+Mooncake block of 512 tokens becomes 10 tokens, each block hash always the same ids.
+Windows are those where the share of long prompts (over one replica's 506 tokens)
+shifts most between their halves (`sim.traces.shift_windows`). A fourth window is
+bimodal: the Azure conversation window's requests with the arrivals of its long prompts
+gathered into its middle third (`sim.traces.gather_long`: short only, a burst of long
+contexts among short ones, short only again), offered 3x faster, so that both halves
+of the mix saturate the server (`--windows bimodal` runs it alone). Its 51 long prompts
+take the merged layout longer than the window lasts; a fifth window, `burst`, keeps
+every fourth of them (13), a burst the merged layout can finish inside the window, so
+that the short phase after it can be served split again.
 
 Every configuration runs the same server code: a fixed layout is the policy with that
 one candidate (it never switches, and SGLang refuses what the layout cannot hold, as
@@ -50,9 +54,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"DP2": (2, 1, 1), "TP2": (1, 2, 1), "PP2": (1, 1, 2)}
 LONG = 507  # prompts a DP 2 replica cannot hold
 BIMODAL_TIME_DIV = 3.0
-#: (trace, token_div, time_div, window length in trace seconds, bimodal)
-TRACES = (("azure_conv", 8, 1.5, 60, False), ("mooncake", 48, 1.0, 60, False),
-          ("azure_code", 12, 3.0, 120, False), ("azure_conv", 8, BIMODAL_TIME_DIV, 60, True))
+#: (trace, token_div, time_div, window length in trace seconds, gathered long prompts:
+#: None, or (label, keep every keep-th))
+TRACES = (("azure_conv", 8, 1.5, 60, None), ("mooncake", 48, 1.0, 60, None),
+          ("azure_code", 12, 3.0, 120, None),
+          ("azure_conv", 8, BIMODAL_TIME_DIV, 60, ("bimodal", 1)),
+          ("azure_conv", 8, BIMODAL_TIME_DIV, 60, ("burst", 4)))
 #: Knobs scaled to this machine: a switch pauses about 0.25 s here, so two seconds of
 #: dwell is eight pauses (the defaults are for GPUs, whose switches take longer).
 POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 2.0,
@@ -71,18 +78,18 @@ def prompt_ids(r: T.TraceRequest, index: int, block_tokens: int) -> tuple[int, .
 
 def windows(quick: bool) -> list[tuple[str, list[T.TraceRequest], int, dict]]:
     out = []
-    for name, token_div, time_div, length, bimodal in TRACES[:2] if quick else TRACES:
+    for name, token_div, time_div, length, gather in TRACES[:2] if quick else TRACES:
         length = length // 2 if quick else length
-        reqs = T.scale(T.load(name), token_div, 1.0, max_prompt=1000, max_output=48)
+        reqs = T.scale(T.load(name), token_div, 1.0, max_prompt=960, max_output=48)
         start = T.shift_windows(reqs, length, LONG, 1)[0]
         chosen = T.scale(T.window(reqs, start, length), 1.0, time_div)
-        if bimodal:
-            chosen = T.gather_long(chosen, LONG)
+        if gather:
+            chosen = T.gather_long(chosen, LONG, keep=gather[1])
         info = {"trace": name, "start_s": start, "trace_seconds": length,
                 "token_div": token_div, "time_div": time_div, "requests": len(chosen),
                 "long_share": round(T.long_share(chosen, LONG), 3),
-                "block_tokens": 512 // token_div, "bimodal": bimodal}
-        label = f"{name}@{start:.0f}s" + ("/bimodal" if bimodal else "")
+                "block_tokens": 512 // token_div, "gathered": gather}
+        label = f"{name}@{start:.0f}s" + (f"/{gather[0]}" if gather else "")
         out.append((label, chosen, 512 // token_div, info))
     return out
 

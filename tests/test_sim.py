@@ -93,6 +93,10 @@ def test_gather_long_makes_a_bimodal_window_of_the_same_requests() -> None:
     assert all(a.t == b.t for a, b in zip([r for r in out if r.prompt < 507],
                                           [r for r in reqs if r.prompt < 507], strict=True))
     assert traces.gather_long([], 507) == []
+    thin = traces.gather_long(reqs, 507, keep=3)  # longs at 0, 15 of 0, 5, ..., 25
+    assert [r.prompt for r in thin].count(600) == 2 and len(thin) == len(reqs) - 4
+    with pytest.raises(ValueError, match="keep"):
+        traces.gather_long(reqs, 507, keep=0)
 
 
 def test_candidates_follow_the_memory_rule() -> None:

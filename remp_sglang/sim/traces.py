@@ -159,16 +159,19 @@ def shift_windows(reqs: Sequence[TraceRequest], duration_s: float, long_prompt: 
 
 
 def gather_long(reqs: Sequence[TraceRequest], long_prompt: int, begin: float = 1 / 3,
-                end: float = 2 / 3) -> list[TraceRequest]:
+                end: float = 2 / 3, keep: int = 1) -> list[TraceRequest]:
     """The same requests with the arrivals of the long ones (prompt >= `long_prompt`)
     spread evenly over [begin, end) of the window, by arrival order, the short ones where
     they were: a bimodal mix (short only, a burst of long contexts among short ones,
-    short only again) made of a real window's requests."""
+    short only again) made of a real window's requests. `keep`: only every keep-th long
+    one by arrival stays (a burst the merged layout can finish inside the window)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     if not reqs:
         return []
     reqs = sorted(reqs, key=lambda r: r.t)
     span = reqs[-1].t
-    longs = [r for r in reqs if r.prompt >= long_prompt]
+    longs = [r for r in reqs if r.prompt >= long_prompt][::keep]
     a, b = begin * span, end * span
     moved = [replace(r, t=a + (b - a) * i / len(longs)) for i, r in enumerate(longs)]
     return sorted([r for r in reqs if r.prompt < long_prompt] + moved, key=lambda r: r.t)
