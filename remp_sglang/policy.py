@@ -15,10 +15,10 @@ same code. The rule:
   rate plus `queued / horizon_s`, or, when more is in flight, what the requests in
   flight would complete there (Little's law: clients that wait for each answer send
   the next sooner on a faster layout).
-- Only a layout that holds every request running or queued, and whose replica holds
-  the KV the running requests pin, may be switched to for gain (one that cannot would
-  be refused or forced back at once: as Amoeba, split only once the long requests are
-  served).
+- Only a layout that holds every request running or queued, and whose replicas hold
+  the KV the running requests pin (a split deals them out: their share each), may be
+  switched to for gain (one that cannot would be refused or forced back at once: as
+  Amoeba, split only once the long requests are served).
 - Switch when the best candidate's gain over `horizon_s` exceeds what the pause costs
   (`downtime x goodput now`, plus re-prefilling KV the target cannot keep) and beats the
   current layout by `min_gain`, in `confirm` decisions in a row, and at least
@@ -290,10 +290,11 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
                             f"{key(best.layout)} holds them",
                             downtime_s=d, **info)
     longest = demand.longest_now
-    # a replica of the target must hold the longest request and the KV the running
-    # requests pin (a split copies the tree to every replica; a merge joins them)
+    # a replica of the target must hold the longest request, and its replicas the KV the
+    # running requests pin (a split deals them out, a merge joins them)
     eligible = {c.layout for c in candidates
-                if c.max_input > longest and demand.kv_used < c.capacity} | {current}
+                if c.max_input > longest and demand.kv_used < c.capacity * c.topo.dp} | \
+        {current}
     # ties: stay; else the one with more headroom (lower latency)
     best_layout = max(eligible, key=lambda k: (predicted.get(k, 0.0), k == current,
                                                rates[k][1] if k in rates else 0.0))

@@ -114,18 +114,39 @@ def test_merging_replicas_unions_their_trees_and_queues():
         place(states, old, new, capacity=30)
 
 
-def test_splitting_copies_the_tree_to_every_replica_and_deals_the_requests():
+def test_a_split_sends_each_requests_kv_where_it_runs_and_the_cache_everywhere():
+    """DP 1 -> 2: requests are dealt in queue order (a, c to replica 0; b to 1). The
+    shared system prompt and the unreferenced cached path go to both; a's own suffix
+    only to replica 0, b's only to 1 (a running request's KV was copied to every
+    replica before, so a split needed all of it to fit one)."""
     from remp_sglang.integration.replicas import place
     from remp_sglang.topology import Topology
 
+    system = list(range(100, 130))
+    paths = {"a": system + list(range(1, 41)), "b": system + list(range(50, 90)),
+             "c": [7, 7, 7], "cached": [200, 201, 202, 203]}
     src = standalone_tree(256)
-    _insert(src, list(range(10, 50)))
+    for name in ("cached", "a", "b"):
+        _insert(src, paths[name])
     state = export_state(src)
     state.requests = [_record(r) for r in "abc"]
     state.decoding = ["a", "b"]
-    new_states, flows = place([state], Topology(2, 1, 2), Topology(1, 1, 2, dp=2), 100)
+    tokens = {"a": paths["a"] + [5], "b": paths["b"][:-10], "c": paths["c"]}  # b: in part
+    old, new = Topology(2, 1, 2), Topology(1, 1, 2, dp=2)
+    new_states, flows = place([state], old, new, 100, tokens_of=lambda r: tokens[r.rid])
+    want = [{tuple(paths["a"]), tuple(paths["cached"])},
+            {tuple(paths["b"]), tuple(paths["cached"])}]
     for b, new_state in enumerate(new_states):
-        assert _paths(new_state) == _paths(state)  # the same slots: they fit
+        assert {tuple(t.tolist()) for t, _, _ in new_state.leaf_paths()} == want[b]
+        assert np.array_equal(np.sort(new_state.live_slots), np.arange(1, 75))
         assert (flows[b].src_replica, flows[b].dst_replica) == (0, b)
+        by_path = {tuple(t.tolist()): s.tolist() for t, s, _ in state.leaf_paths()}
+        mine = set(by_path[tuple(paths["a" if b == 0 else "b"])]) | set(
+            by_path[tuple(paths["cached"])])
+        assert set(flows[b].src_slots.tolist()) == mine  # the old slots each one needs
     assert [[r.rid for r in s.requests] for s in new_states] == [["a", "c"], ["b"]]
     assert [s.decoding for s in new_states] == [["a"], ["b"]]
+    # 74 slots and a running request each fit 75; the whole tree (114) would not
+    place([state], old, new, 75, tokens_of=lambda r: tokens[r.rid])
+    with pytest.raises(CapacityError, match="new replica 0 holds 74"):
+        place([state], old, new, 74, tokens_of=lambda r: tokens[r.rid])

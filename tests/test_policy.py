@@ -223,16 +223,21 @@ def test_dwell_counts_from_the_end_of_the_pause():
     assert server.policy.last_switch_t == pytest.approx(switch.t + 0.25)
 
 
-def test_no_split_while_running_requests_pin_more_kv_than_a_replica_holds():
+@pytest.mark.parametrize("pinned, splits", [(700, True), (1100, False)])
+def test_no_split_while_running_requests_pin_more_kv_than_the_replicas_hold(pinned, splits):
+    """A split deals the running requests out: 700 pinned slots fit two replicas of
+    512, 1100 do not."""
     server = Server(PP2)
     for _ in range(10):
         server.policy.observe(LoadSample(server.t + 1, PP2, arrived=short(40),
-                                         waiting=short(60), running=4, kv_used=700,
+                                         waiting=short(60), running=4, kv_used=pinned,
                                          generated=250))
         server.t += 1
         decision = server.policy.decide()
-        assert not decision.switch
-    assert "pinned KV" in decision.reason
+        if decision.switch:
+            break
+    assert decision.switch == splits
+    assert decision.target == DP2 if splits else "pinned KV" in decision.reason
 
 
 def test_the_pause_comes_from_the_servers_prediction_first():

@@ -32,8 +32,9 @@ class Alloc:
         return self.free
 
 
-def req(prompt: int, max_new: int):
+def req(prompt: int, max_new: int, generated: int = 0):
     return SimpleNamespace(rid=f"r{prompt}", origin_input_ids=[1] * prompt,
+                           output_ids=[2] * generated,
                            sampling_params=SimpleNamespace(max_new_tokens=max_new))
 
 
@@ -71,3 +72,17 @@ def test_refused_when_a_request_could_never_complete(where):
                       queued=[big] if where == "queued" else [])
     with pytest.raises(CapacityError, match="may grow to 1100 tokens"):
         make_room(sched, [big] if where == "running" else [], capacity=1024)
+
+
+def test_a_split_counts_only_the_running_requests_dealt_to_the_busiest_replica():
+    """1 -> 2 replicas of 512 slots: three running requests pin 700 slots (400, 200 and
+    100, dealt 400 + 100 to one replica, 200 to the other), 100 more are cached. Every
+    replica takes the cache; the busiest also 500 + 2 slots: 602, so 90 cached tokens
+    go. Copying the whole tree to each replica (ways 1) needed 803: refused."""
+    running = [req(390, 40, generated=10), req(190, 40, generated=10), req(95, 40, 5)]
+    sched = scheduler(size=2048, free=2048 - 800, evictable=100)
+    assert make_room(sched, running, capacity=512, ways=2) == 90 + 3
+    assert sched.tree_cache.asked == [90]
+    sched = scheduler(size=2048, free=2048 - 800, evictable=100)
+    with pytest.raises(CapacityError, match="need 703"):
+        make_room(sched, running, capacity=512)

@@ -7,9 +7,11 @@ and the slot flows the engine moves (`SlotFlow`).
 - Merge (fewer replicas): a new replica takes the union of its sources' trees (a prefix
   cached by several is kept once, the first source's copy; the others' slots are not
   moved) and their queues, one after the other. Slots are renumbered densely.
-- Split (more replicas): each new replica takes a copy of its source's whole tree (so a
-  repeated prompt hits wherever the dispatcher sends it), with the slot numbers it had
-  where they fit; the source's requests are dealt out in queue order.
+- Split (more replicas): the source's requests are dealt out in queue order, and each
+  new replica takes its source's tree less the paths only the requests dealt to other
+  replicas use (the KV of a running request goes where it runs; cached prefixes no
+  request uses are copied to every replica, so a repeated prompt hits wherever the
+  dispatcher sends it); slots renumbered densely.
 - Same count: replica r feeds replica r.
 
 Pure apart from building the union in SGLang's own radix tree (`standalone_tree`), so
@@ -19,7 +21,9 @@ that a merged tree is exactly what SGLang's insert makes of the sources' paths.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +41,20 @@ def room_share(old: Topology, new: Topology, capacity: int) -> int:
     return capacity // group
 
 
-def place(states: list[CacheState], old: Topology, new: Topology,
-          capacity: int) -> tuple[list[CacheState], list[SlotFlow]]:
+def split_ways(old: Topology, new: Topology) -> int:
+    """How many new replicas an old replica's requests are dealt over (1 unless split)."""
+    feeds = replica_sources(old, new)
+    return max((sum(1 for srcs in feeds if srcs == [a]) for a in range(old.dp)), default=1) \
+        or 1
+
+
+def place(states: list[CacheState], old: Topology, new: Topology, capacity: int,
+          tokens_of: Callable[[Any], Sequence[int]] | None = None,
+          ) -> tuple[list[CacheState], list[SlotFlow]]:
     """Each new replica's state (its slots in its own pool of `capacity` usable slots) and
-    the flows that fill the new pools. CapacityError if a merged tree does not fit."""
+    the flows that fill the new pools. CapacityError if a new replica's tree and running
+    requests do not fit. `tokens_of(record)`: a queued request's tokens (default: its
+    input and output ids, `step_boundary.record_tokens`)."""
     if len(states) != old.dp:
         raise ValueError(f"expected {old.dp} replica states, got {len(states)}")
     out: list[CacheState] = []
@@ -51,15 +65,20 @@ def place(states: list[CacheState], old: Topology, new: Topology,
     for b, srcs in enumerate(feeds):
         if len(srcs) == 1:
             state = states[srcs[0]]
-            live = torch.from_numpy(state.live_slots)
-            dst = remap_slots(live, capacity + 1)
-            new_state = state.remap(live.numpy(), dst.numpy(), capacity)
             if dealt is not None:
-                requests = dealt[b]
-                rids = {r.rid for r in requests}
-                new_state = replace(new_state, requests=requests,
-                                    decoding=[r for r in state.decoding if r in rids])
-            out.append(new_state)
+                rids = {r.rid for r in dealt[b]}
+                others = [r for c, srcs_c in enumerate(feeds) if c != b and srcs_c == srcs
+                          for r in dealt[c]]
+                state = replace(_without(state, dealt[b], others, tokens_of),
+                                requests=dealt[b],
+                                decoding=[r for r in state.decoding if r in rids])
+            live = torch.from_numpy(state.live_slots)
+            if len(live) + len(state.decoding) > capacity:
+                raise CapacityError(
+                    f"new replica {b} holds {capacity} KV slots; its cached prefixes "
+                    f"need {len(live)} and {len(state.decoding)} running requests one each")
+            dst = remap_slots(live, capacity + 1)
+            out.append(state.remap(live.numpy(), dst.numpy(), capacity))
             flows.append(SlotFlow(srcs[0], b, live, dst))
         else:
             merged, merged_flows = _union([states[a] for a in srcs], srcs, b, capacity)
@@ -77,6 +96,78 @@ def _deal(states: list[CacheState], feeds: list[list[int]]) -> list[list]:
         for i, record in enumerate(state.requests):
             out[targets[i % len(targets)]].append(record)
     return out
+
+
+def _without(state: CacheState, mine: list, others: list,
+             tokens_of: Callable[[Any], Sequence[int]] | None) -> CacheState:
+    """`state`'s tree less the nodes that only requests in `others` use (and what hangs
+    below them): the tree a new replica serving `mine` takes in a split. A node a
+    request of `mine` uses, or that no request uses, is kept."""
+    if not others or not len(state.parents):
+        return state
+    if tokens_of is None:
+        from .step_boundary import record_tokens as tokens_of
+    theirs = _used_nodes(state, others, tokens_of) - _used_nodes(state, mine, tokens_of)
+    if not theirs:
+        return state
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    keep = np.ones(len(state.parents), dtype=bool)
+    for node in range(len(state.parents)):  # parents come before their children
+        parent = int(state.parents[node])
+        keep[node] = node not in theirs and (parent == -1 or keep[parent])
+    starts = np.concatenate(([0], np.cumsum(state.lengths)))
+    holder = standalone_tree(int(state.slots.max(initial=0)) + 1)
+    for leaf in state.leaf_order.tolist():  # least recently used first, as SGLang's LRU
+        chain, node = [], leaf
+        while node != -1:
+            chain.append(node)
+            node = int(state.parents[node])
+        chain = [n for n in reversed(chain)]
+        kept = next((i for i, n in enumerate(chain) if not keep[n]), len(chain))
+        if kept == 0:
+            continue
+        idx = np.concatenate([np.arange(starts[n], starts[n + 1]) for n in chain[:kept]])
+        extra_key, cache_salt = state.keys[state.node_keys[leaf]]
+        key = RadixKey(array("q", state.tokens[idx].tobytes()), extra_key=extra_key,
+                       cache_salt=cache_salt)
+        holder.tree_cache.insert(InsertParams(key=key,
+                                              value=torch.from_numpy(state.slots[idx])))
+    sub = export_state(holder)
+    return replace(state, parents=sub.parents, lengths=sub.lengths, tokens=sub.tokens,
+                   slots=sub.slots, leaf_order=sub.leaf_order, node_keys=sub.node_keys,
+                   keys=sub.keys)
+
+
+def _used_nodes(state: CacheState, records: list,
+                tokens_of: Callable[[Any], Sequence[int]]) -> set[int]:
+    """The nodes on the paths the requests' tokens match in the tree (the last one
+    possibly in part): the KV they would reuse."""
+    starts = np.concatenate(([0], np.cumsum(state.lengths)))
+    children: dict[tuple[int, int], list[int]] = {}
+    for node, parent in enumerate(state.parents.tolist()):
+        children.setdefault((parent, int(state.tokens[starts[node]])), []).append(node)
+    used: set[int] = set()
+    for record in records:
+        seq = np.asarray(tokens_of(record), dtype=np.int64)
+        node, pos = -1, 0
+        while pos < len(seq):
+            nxt = None
+            for child in children.get((node, int(seq[pos])), ()):
+                edge = state.tokens[starts[child]:starts[child + 1]]
+                n = min(len(edge), len(seq) - pos)
+                if n and np.array_equal(edge[:n], seq[pos:pos + n]):
+                    nxt = child
+                    break
+                if seq[pos] == edge[0]:  # a part of this edge matches: used, and stop
+                    used.add(child)
+            if nxt is None:
+                break
+            used.add(nxt)
+            pos += len(state.tokens[starts[nxt]:starts[nxt + 1]])
+            node = nxt
+    return used
 
 
 def _union(states: list[CacheState], replicas: list[int], b: int,

@@ -61,7 +61,7 @@ from .cache_state import (
 )
 from .faults import fault_point
 from .model_state import local_params, pool_from_memory, weights_from_memory
-from .replicas import place, room_share
+from .replicas import place, room_share, split_ways
 from .step_boundary import (
     CarryRefused,
     check_joinable,
@@ -270,7 +270,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
                 check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
             chunked = any(r is sched.chunked_req for r in reqs)
-            evicted = make_room(sched, reqs, room_share(old, new, new_size), new_size)
+            evicted = make_room(sched, reqs, room_share(old, new, new_size), new_size,
+                                split_ways(old, new))
             checkpoint_requests(sched, reqs)
             carried = len(reqs)
         if was_active and rank in old.heads:
@@ -443,7 +444,8 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
         size = rt.capacity_for(new)
         if any(not old.is_active(r) for r in new.active_ranks) or old.dp != new.dp:
             check_joinable(sched, reqs, across_replicas=old.dp != new.dp)
-        evict = max(0, room_needed(sched, reqs, room_share(old, new, size), size))
+        evict = max(0, room_needed(sched, reqs, room_share(old, new, size), size,
+                                   split_ways(old, new)))
     except (CapacityError, CarryRefused, ValueError) as error:
         refused = str(error)
     kv_shape = kv_shape_of(rt.decoder.shape, rt.kv_store_dtype)

@@ -127,15 +127,17 @@ def kv_requests(scheduler: Any) -> list[Any]:
 
 
 def make_room(scheduler: Any, reqs: list[Any], capacity: int,
-              replica_capacity: int | None = None) -> int:
+              replica_capacity: int | None = None, ways: int = 1) -> int:
     """Evict unreferenced cached prefixes (SGLang's LRU) until the live KV plus one new
     slot per carried request fits `capacity` (this replica's share of the new replica's
-    slots); CapacityError (nothing evicted) if even evicting every unreferenced prefix
-    would not, or if a carried or queued request could never complete in a new replica
-    (`replica_capacity` slots, default `capacity`). Returns the tokens evicted."""
+    slots; in a split over `ways` replicas, each takes the cached prefixes and the KV of
+    the requests dealt to it); CapacityError (nothing evicted) if even evicting every
+    unreferenced prefix would not, or if a carried or queued request could never
+    complete in a new replica (`replica_capacity` slots, default `capacity`). Returns
+    the tokens evicted."""
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
-    need = room_needed(scheduler, reqs, capacity, replica_capacity)
+    need = room_needed(scheduler, reqs, capacity, replica_capacity, ways)
     if need <= 0:
         return 0
     alloc = scheduler.token_to_kv_pool_allocator
@@ -145,7 +147,7 @@ def make_room(scheduler: Any, reqs: list[Any], capacity: int,
 
 
 def room_needed(scheduler: Any, reqs: list[Any], capacity: int,
-                replica_capacity: int | None = None) -> int:
+                replica_capacity: int | None = None, ways: int = 1) -> int:
     """Cached tokens `make_room` must evict for `capacity` (<= 0: none); CapacityError
     if it could not. Changes nothing (the dry run of /remp/plan uses it too)."""
     whole = replica_capacity or capacity
@@ -157,13 +159,23 @@ def room_needed(scheduler: Any, reqs: list[Any], capacity: int,
                 f"more than the {whole} KV slots of a replica of the new layout")
     alloc, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
     live = int(alloc.size) - int(alloc.available_size())
-    need = live + len(reqs) - capacity
     evictable = int(tree.evictable_size())
+    # the busiest new replica's share of the KV the running requests pin (a split deals
+    # them in queue order, the carried ones first, as `replicas.place`)
+    pinned = live - evictable
+    share = pinned + len(reqs)
+    if ways > 1 and reqs:
+        share = max(min(pinned, sum(len(r.origin_input_ids) + len(r.output_ids)
+                                    for r in reqs[b::ways])) + len(reqs[b::ways])
+                    for b in range(ways))
+    need = evictable + share - capacity
     if need > evictable:
         raise CapacityError(
-            f"the new layout holds {capacity} KV slots; {live} are live, of which only "
-            f"{evictable} are unreferenced cached prefixes, and {len(reqs)} running "
-            f"requests need a slot each: {need - evictable} slots do not fit")
+            f"the new layout holds {capacity} KV slots per replica; {live} are live, of "
+            f"which only {evictable} are unreferenced cached prefixes, and the "
+            f"{len(reqs)} running requests need {share} (their KV and a slot each"
+            f"{f', dealt over {ways} replicas' if ways > 1 else ''}): "
+            f"{need - evictable} slots do not fit")
     return need
 
 
@@ -338,6 +350,14 @@ def export_requests(scheduler: Any) -> list[RequestRecord]:
             send_decode_id_offset=int(req.send_decode_id_offset),
             decoded_text=str(req.decoded_text or "")))
     return out
+
+
+def record_tokens(record: RequestRecord) -> list[int]:
+    """A queued request's tokens, its input then what it generated: the prefix whose KV
+    it reuses from the tree (a split sends that KV where the request goes)."""
+    from sglang.srt.managers.io_struct import msgpack_decode
+
+    return list(msgpack_decode(record.recv).input_ids) + list(record.output_ids)
 
 
 def rebuild_queue(scheduler: Any, records: list[RequestRecord]) -> None:
