@@ -100,3 +100,22 @@ def test_layouts_the_replicas_cannot_take_are_refused(replicas):
         assert response.status_code == 400 and reason in response.json()["error"], body
     after = topology(server)
     assert (after["dp"], after["tp"], after["pp"]) == (before["dp"], before["tp"], before["pp"])
+
+
+def test_a_split_deals_out_running_requests_no_single_replica_holds(replicas):
+    """Three running requests pin about 2,300 KV slots, more than one replica's 2,048:
+    a split sends each one's KV to the replica that goes on with it and outputs stay
+    exact (copying all of it to every replica, as splits did, was refused with 409)."""
+    server, model = replicas
+    to(server, 1, 2, 1)
+    jobs = make_jobs([ids(700, 90 + s) for s in range(3)], TEXTS, (150,), ("generate_stream",))
+    reference = run_concurrently(server.base_url, jobs, model)
+    assert all(o.error is None for o in reference), [o.error for o in reference]
+    traffic = Background(server.base_url, jobs, model)
+    time.sleep(0.8)  # all three prefilled (their prompts are cached) and decoding
+    report = to(server, 2, 1, 1)
+    outcomes = traffic.wait()
+    assert report["requests_carried"] == 3 and report["requests_decoding"] == 3, report
+    for got, expected in zip(outcomes, reference, strict=True):
+        assert got.error is None, got.error
+        assert got.output == expected.output
