@@ -62,6 +62,15 @@ def place(states: list[CacheState], old: Topology, new: Topology, capacity: int,
     feeds = replica_sources(old, new)
     split = new.dp > old.dp
     dealt = _deal(states, feeds) if split else None
+    if tokens_of is None:
+        from .step_boundary import record_tokens as tokens_of
+    memo: dict[str, Sequence[int]] = {}  # each record decoded once, not once per replica
+
+    def tokens(record: Any) -> Sequence[int]:
+        if record.rid not in memo:
+            memo[record.rid] = tokens_of(record)
+        return memo[record.rid]
+
     for b, srcs in enumerate(feeds):
         if len(srcs) == 1:
             state = states[srcs[0]]
@@ -69,7 +78,7 @@ def place(states: list[CacheState], old: Topology, new: Topology, capacity: int,
                 rids = {r.rid for r in dealt[b]}
                 others = [r for c, srcs_c in enumerate(feeds) if c != b and srcs_c == srcs
                           for r in dealt[c]]
-                state = replace(_without(state, dealt[b], others, tokens_of),
+                state = replace(_without(state, dealt[b], others, tokens),
                                 requests=dealt[b],
                                 decoding=[r for r in state.decoding if r in rids])
             live = torch.from_numpy(state.live_slots)
@@ -99,14 +108,12 @@ def _deal(states: list[CacheState], feeds: list[list[int]]) -> list[list]:
 
 
 def _without(state: CacheState, mine: list, others: list,
-             tokens_of: Callable[[Any], Sequence[int]] | None) -> CacheState:
+             tokens_of: Callable[[Any], Sequence[int]]) -> CacheState:
     """`state`'s tree less the nodes that only requests in `others` use (and what hangs
     below them): the tree a new replica serving `mine` takes in a split. A node a
     request of `mine` uses, or that no request uses, is kept."""
     if not others or not len(state.parents):
         return state
-    if tokens_of is None:
-        from .step_boundary import record_tokens as tokens_of
     theirs = _used_nodes(state, others, tokens_of) - _used_nodes(state, mine, tokens_of)
     if not theirs:
         return state
