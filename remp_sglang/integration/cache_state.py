@@ -78,7 +78,10 @@ class CacheState:
         table = np.arange(max(int(self.slots.max(initial=0)), int(old.max(initial=0))) + 1)
         table[old] = new
         slots = table[self.slots]
-        free = np.setdiff1d(np.arange(1, new_size + 1), slots, assume_unique=False)
+        free = np.ones(new_size + 1, dtype=bool)  # a mask, not a set difference: O(size)
+        free[0] = False
+        free[slots[slots <= new_size]] = False
+        free = np.flatnonzero(free).astype(np.int64)
         return replace(self, slots=slots, free_pages=free,
                        release_pages=np.empty(0, dtype=np.int64))
 

@@ -111,40 +111,31 @@ def _without(state: CacheState, mine: list, others: list,
              tokens_of: Callable[[Any], Sequence[int]]) -> CacheState:
     """`state`'s tree less the nodes that only requests in `others` use (and what hangs
     below them): the tree a new replica serving `mine` takes in a split. A node a
-    request of `mine` uses, or that no request uses, is kept."""
+    request of `mine` uses, or that no request uses, is kept. Array operations on the
+    node table (the import re-inserts every leaf path, so edges need not be merged)."""
     if not others or not len(state.parents):
         return state
     theirs = _used_nodes(state, others, tokens_of) - _used_nodes(state, mine, tokens_of)
     if not theirs:
         return state
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-
-    keep = np.ones(len(state.parents), dtype=bool)
-    for node in range(len(state.parents)):  # parents come before their children
-        parent = int(state.parents[node])
-        keep[node] = node not in theirs and (parent == -1 or keep[parent])
-    starts = np.concatenate(([0], np.cumsum(state.lengths)))
-    holder = standalone_tree(int(state.slots.max(initial=0)) + 1)
-    for leaf in state.leaf_order.tolist():  # least recently used first, as SGLang's LRU
-        chain, node = [], leaf
-        while node != -1:
-            chain.append(node)
-            node = int(state.parents[node])
-        chain = [n for n in reversed(chain)]
-        kept = next((i for i, n in enumerate(chain) if not keep[n]), len(chain))
-        if kept == 0:
-            continue
-        idx = np.concatenate([np.arange(starts[n], starts[n + 1]) for n in chain[:kept]])
-        extra_key, cache_salt = state.keys[state.node_keys[leaf]]
-        key = RadixKey(array("q", state.tokens[idx].tobytes()), extra_key=extra_key,
-                       cache_salt=cache_salt)
-        holder.tree_cache.insert(InsertParams(key=key,
-                                              value=torch.from_numpy(state.slots[idx])))
-    sub = export_state(holder)
-    return replace(state, parents=sub.parents, lengths=sub.lengths, tokens=sub.tokens,
-                   slots=sub.slots, leaf_order=sub.leaf_order, node_keys=sub.node_keys,
-                   keys=sub.keys)
+    parents = state.parents
+    keep = np.ones(len(parents), dtype=bool)
+    keep[list(theirs)] = False
+    for node in np.flatnonzero(parents >= 0).tolist():  # parents come before children
+        keep[node] &= keep[parents[node]]
+    index = np.cumsum(keep) - 1  # old node -> new node, where kept
+    sub_parents = parents[keep]
+    sub_parents = np.where(sub_parents >= 0, index[np.maximum(sub_parents, 0)], -1)
+    on_token = np.repeat(keep, state.lengths)
+    has_child = np.zeros(len(sub_parents), dtype=bool)
+    has_child[sub_parents[sub_parents >= 0]] = True
+    leaves = index[state.leaf_order[keep[state.leaf_order]]]
+    # nodes whose children all went are leaves now: least recently used first
+    bare = np.setdiff1d(np.flatnonzero(~has_child), leaves)
+    return replace(state, parents=sub_parents, lengths=state.lengths[keep],
+                   tokens=state.tokens[on_token], slots=state.slots[on_token],
+                   leaf_order=np.concatenate([bare, leaves]).astype(np.int64),
+                   node_keys=state.node_keys[keep])
 
 
 def _used_nodes(state: CacheState, records: list,
