@@ -8,7 +8,10 @@ extends the previous one, and regenerated answers branching off some turns. Time
 one run, for each size: rank zero's export (one walk over the nodes, one device copy of
 the slots), its JSON encoding (arrays as base64), a joining rank's decode with every
 check, and its import into a fresh tree (one SGLang insert per leaf); then the rebuilt
-tree is exported again and compared with the original.
+tree is exported again and compared with the original. Last, the placement of a split
+into two replicas (`replicas.place`, on every rank in the pause) with one running
+request per conversation, at its longest path: each replica takes the cached prefixes
+and the KV of the requests dealt to it ("split ms", and the tokens each replica gets).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from remp_sglang.integration.cache_state import (  # noqa: E402
     import_state,
     standalone_tree,
 )
+from remp_sglang.integration.replicas import place  # noqa: E402
+from remp_sglang.integration.step_boundary import RequestRecord  # noqa: E402
+from remp_sglang.topology import Topology  # noqa: E402
 
 
 def fill(sched, conversations: int, turns: int = 12, turn_tokens: int = 150,
@@ -76,12 +82,24 @@ def measure(conversations: int) -> dict:
     same = (sorted((t.tobytes(), s.tobytes()) for t, s, _ in again.leaf_paths())
             == sorted((t.tobytes(), s.tobytes()) for t, s, _ in state.leaf_paths())
             and np.array_equal(again.live_slots, state.live_slots))
+    # a split: one running request per conversation, at its longest path
+    longest = sorted(state.leaf_paths(), key=lambda p: -len(p[0]))[:conversations]
+    tokens = {f"r{i}": t.tolist() for i, (t, _, _) in enumerate(longest)}
+    state.requests = [RequestRecord(rid=rid, recv=b"", output_ids=[], max_new_tokens=1,
+                                    logprob_start_len=-1, retraction_count=0,
+                                    retracted=False) for rid in tokens]
+    state.decoding = list(tokens)
+    t6 = time.perf_counter()
+    split, _ = place([state], Topology(2, 1, 2), Topology(1, 1, 2, dp=2), size,
+                     tokens_of=lambda r: tokens[r.rid])
+    t7 = time.perf_counter()
     return {"cached_tokens": state.cached_tokens, "nodes": len(state.parents),
             "leaves": len(state.leaf_order), "path_tokens": int(sum(
                 len(t) for t, _, _ in state.leaf_paths())),
             "encoded_bytes": len(data), "export_s": t1 - t0, "encode_s": t2 - t1,
             "decode_s": t3 - t2, "import_s": t5 - t4, "total_s": (t3 - t0) + (t5 - t4),
-            "rebuilt_tree_equal": same}
+            "rebuilt_tree_equal": same, "split_requests": len(tokens), "split_s": t7 - t6,
+            "split_tokens": [s.cached_tokens for s in split]}
 
 
 def main() -> int:
@@ -93,12 +111,13 @@ def main() -> int:
     rows = [measure(n) for n in ((4,) if args.quick else (4, 48))]
     print(f"{'cached':>8} {'nodes':>6} {'leaves':>6} {'path tok':>9} {'bytes':>9} "
           f"{'export ms':>9} {'encode ms':>9} {'decode ms':>9} {'import ms':>9} "
-          f"{'total ms':>9} {'equal':>5}")
+          f"{'total ms':>9} {'equal':>5} {'split ms':>9} {'split into':>13}")
     for r in rows:
         print(f"{r['cached_tokens']:>8} {r['nodes']:>6} {r['leaves']:>6} {r['path_tokens']:>9} "
               f"{r['encoded_bytes']:>9} {r['export_s'] * 1e3:>9.1f} {r['encode_s'] * 1e3:>9.1f} "
               f"{r['decode_s'] * 1e3:>9.1f} {r['import_s'] * 1e3:>9.1f} "
-              f"{r['total_s'] * 1e3:>9.1f} {str(r['rebuilt_tree_equal']):>5}")
+              f"{r['total_s'] * 1e3:>9.1f} {str(r['rebuilt_tree_equal']):>5} "
+              f"{r['split_s'] * 1e3:>9.1f} {'+'.join(map(str, r['split_tokens'])):>13}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
