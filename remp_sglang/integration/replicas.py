@@ -158,12 +158,11 @@ def _used_nodes(state: CacheState, records: list,
                 if n and np.array_equal(edge[:n], seq[pos:pos + n]):
                     nxt = child
                     break
-                if seq[pos] == edge[0]:  # a part of this edge matches: used, and stop
-                    used.add(child)
+                used.add(child)  # its first tokens match (the key): used in part, stop
             if nxt is None:
                 break
             used.add(nxt)
-            pos += len(state.tokens[starts[nxt]:starts[nxt + 1]])
+            pos += int(state.lengths[nxt])
             node = nxt
     return used
 
