@@ -9,9 +9,10 @@ same settings should get the same capacity, up to the memory B it measured (othe
 processes come and go on a shared host) and, on CPU only, what the other ranks of a
 multi-rank launch took from the same host memory meanwhile (on a GPU each rank measures
 its own device). Capacities are compared per byte of B (parsed from SGLang's log) within
-MARGIN. Measured: TP 2 -> TP 1 -3.7% (the TP 2 launch's second process took host memory
-between SGLang's two measurements, about 30 MB; the one-process stock launch had no such
-neighbour), TP 2 -> PP 2 +0.2% (two processes on both sides).
+MARGIN. The difference is host-memory noise of about 0.1-0.2 GiB (what other processes
+took between SGLang's two measurements), so the pool is made large (4 GiB per rank) to
+keep it a few percent: with 1 GiB one CI run measured TP 2 -> TP 1 at +7.6%. Measured
+with 4 GiB: TP 2 -> TP 1 -0.71%, TP 2 -> PP 2 +0.15%.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from remp_sglang.testing import launch_sglang_server
 pytestmark = pytest.mark.slow
 
 MARGIN = 0.05  # relative, on capacity per GiB of the memory SGLang measured at launch
-POOL_BYTES = 1 << 30  # K and V per rank at launch (TP 2), about: per-process noise stays small
+POOL_BYTES = 4 << 30  # K and V per rank at launch (TP 2): large beside the host-memory noise
 B_LINE = re.compile(r"Load weight begin\. avail mem=([0-9.]+) GB")
 
 
