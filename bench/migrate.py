@@ -3,11 +3,14 @@
 For each reshape, every rank runs the engine on random data: KV alone, weights alone,
 and both in one in-place exchange ("both": old tensors released as they move); the
 table shows the busiest rank's bytes, the measured exchange (median of --repeats runs
-after a warm-up, slowest rank: packing, sending, receiving and unpacking; allocating the
-new tensors and the copies a rank keeps are "open s", beside it), and the floor:
-busiest-rank bytes divided by the
-point-to-point bandwidth measured on the same backend, in the same run, with one large
-message (the best case the backend reaches).
+after a warm-up, slowest rank: packing, sending, receiving and unpacking, and the copies a
+rank keeps, made between rounds; allocating the new tensors is "open s", beside it), and
+the floor: busiest-rank bytes divided by the point-to-point bandwidth measured on the
+same backend, in the same run, with one large message (the best case the backend
+reaches). The KV rows move a full pool (every slot live, listed in a random order);
+"kv-frag" moves every other slot, so no two live slots are neighbours and every byte
+is packed and unpacked. On a CPU the copies a rank keeps ("kept") and the packing take
+the same memory bandwidth as the loopback transfer itself; on a GPU they run at HBM speed.
 
 The ranks allocate with transparent huge pages (torch's `THP_MEM_ALLOC_ENABLE`; `--no-thp`
 turns it off): a new tensor then faults its memory in 2 MiB pages rather than 4 KiB ones.
@@ -133,6 +136,18 @@ def _gather_rows(comm: Communicator, values: list[float]) -> list[list[float]]:
     return t.tolist()
 
 
+def _summary(s) -> list[float]:
+    """A rank's figures for the weights and "both" rows (`_shares` reads the last four)."""
+    return [s.seconds["exchange"], s.peak_bytes, s.seconds["open"],
+            s.bytes_sent, s.bytes_received, s.bytes_direct, s.bytes_kept]
+
+
+def _shares(per_rank: list[list[float]]) -> dict[str, float]:
+    moved = sum(r[3] + r[4] for r in per_rank)
+    return {"direct_share": sum(r[5] for r in per_rank) / moved if moved else 0.0,
+            "kept_bytes": max(r[6] for r in per_rank)}
+
+
 def worker(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     comm = Communicator.gloo("127.0.0.1", port, rank, world, timeout_s=600)
@@ -141,8 +156,11 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     staging = torch.zeros(args.staging_mib << 20, dtype=torch.uint8)  # kept, as a server would
     rows = []
     tokens, shape = args.tokens, KV_SHAPE
-    live = torch.randperm(tokens, generator=torch.Generator().manual_seed(0)) + 1
-    for (otp, opp), (ntp, npp) in TRANSITIONS:
+    # every slot live, in a random order (a full pool); "kv-frag": every other slot
+    dense = torch.randperm(tokens, generator=torch.Generator().manual_seed(0)) + 1
+    cases = [("kv", t, dense) for t in TRANSITIONS] + \
+        [("kv-frag", TRANSITIONS[0], dense[dense % 2 == 1])]
+    for what, ((otp, opp), (ntp, npp)), live in cases:
         old, new = Topology(otp, opp, world), Topology(ntp, npp, world)
         pool = random_pool(old, rank, tokens, gen)
         runs = []
@@ -154,20 +172,24 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             s = res.stats
             runs.append(_gather_rows(comm, [s.bytes_sent, s.bytes_received,
                                             s.seconds["exchange"], s.seconds["open"],
-                                            s.peak_bytes]))
+                                            s.peak_bytes, s.bytes_direct, s.bytes_kept]))
             del res
         per_rank = runs[-1]
         plan = plan_kv(old, new, shape)
-        busiest = plan.max_rank_bytes(tokens)
+        n = live.numel()
+        busiest = plan.max_rank_bytes(n)
         transfer = statistics.median(max(r[2] for r in run) for run in runs[1:])
-        raw = raw_pattern_seconds(comm, *_pattern(plan, rank, tokens), repeats=args.repeats)
+        raw = raw_pattern_seconds(comm, *_pattern(plan, rank, n), repeats=args.repeats)
+        moved = sum(r[0] + r[1] for r in per_rank)
         rows.append({
-            "what": "kv", "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}", "tokens": tokens,
+            "what": what, "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}", "tokens": n,
             "busiest_rank_bytes": busiest, "transfer_s": transfer,
             "local_copy_s": statistics.median(max(r[3] for r in run) for run in runs[1:]),
             "lower_bound_s": busiest / bw, "ratio": transfer / (busiest / bw) if busiest else 0,
             "raw_pattern_s": raw, "ratio_raw": transfer / raw if busiest else 0,
             "peak_gib": max(r[4] for r in per_rank) / 2**30,
+            "direct_share": sum(r[5] for r in per_rank) / moved if moved else 0.0,
+            "kept_bytes": max(r[6] for r in per_rank),
             "bytes_per_rank": [int(max(r[0], r[1])) for r in per_rank],
         })
         del pool
@@ -183,9 +205,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 comm.barrier()
                 res = reshard_weights(comm, old, new, model, params, dtype=torch.bfloat16,
                                       staging_bytes=staging.numel(), staging=staging)
-                runs.append(_gather_rows(comm, [res.stats.seconds["exchange"],
-                                                res.stats.peak_bytes,
-                                                res.stats.seconds["open"]]))
+                runs.append(_gather_rows(comm, _summary(res.stats)))
             per_rank = runs[-1]
             busiest = res.stats.lower_bound_bytes
             transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
@@ -196,7 +216,8 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 "lower_bound_s": busiest / bw,
                 "ratio": transfer / (busiest / bw) if busiest else 0,
                 "raw_pattern_s": float("nan"), "ratio_raw": float("nan"),
-                "peak_gib": max(r[1] for r in per_rank) / 2**30, "bytes_per_rank": [],
+                "peak_gib": max(r[1] for r in per_rank) / 2**30, **_shares(per_rank),
+                "bytes_per_rank": [],
             })
             del params, res
         for (otp, opp), (ntp, npp) in TRANSITIONS[:3]:  # both in one exchange, in place
@@ -214,9 +235,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                                WeightPart(model, torch.bfloat16, params),
                                staging_bytes=staging.numel(), staging=staging,
                                release_old=True)
-                runs.append(_gather_rows(comm, [res.stats.seconds["exchange"],
-                                                res.stats.peak_bytes,
-                                                res.stats.seconds["open"]]))
+                runs.append(_gather_rows(comm, _summary(res.stats)))
                 busiest = res.stats.lower_bound_bytes
                 del params, pool, res
             transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
@@ -227,7 +246,8 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 "lower_bound_s": busiest / bw,
                 "ratio": transfer / (busiest / bw) if busiest else 0,
                 "raw_pattern_s": float("nan"), "ratio_raw": float("nan"),
-                "peak_gib": max(r[1] for r in runs[-1]) / 2**30, "bytes_per_rank": [],
+                "peak_gib": max(r[1] for r in runs[-1]) / 2**30, **_shares(runs[-1]),
+                "bytes_per_rank": [],
             })
     comm.close()
     if rank == 0:
@@ -271,15 +291,20 @@ def main() -> None:
           f"{WEIGHT_MODEL.hidden_size}, vocab {WEIGHT_MODEL.vocab_size}")
     print("# bound = busiest rank's max(sent, received) / one-way p2p bandwidth; raw = the "
           "same per-pair bytes as plain messages (this backend's floor for the pattern)")
+    print("# transfer = the exchange, the copies a rank keeps included (between rounds); "
+          "open = allocating the new tensors; direct = share of the bytes sent or received "
+          "from/into the tensors themselves (no packing); kept = the busiest rank's local "
+          "copy")
     hdr = f"{'what':8} {'old':>8} {'new':>8} {'tokens':>7} {'busiest MiB':>12} " \
           f"{'transfer s':>11} {'bound s':>9} {'ratio':>6} {'raw s':>7} {'/raw':>6} " \
-          f"{'open s':>8} {'peak GiB':>9}"
+          f"{'open s':>8} {'peak GiB':>9} {'direct':>7} {'kept MiB':>9}"
     print(hdr)
     for r in result["rows"]:
         print(f"{r['what']:8} {r['old']:>8} {r['new']:>8} {r['tokens']:>7} "
               f"{r['busiest_rank_bytes'] / 2**20:>12.1f} {r['transfer_s']:>11.3f} "
               f"{r['lower_bound_s']:>9.3f} {r['ratio']:>6.2f} {r['raw_pattern_s']:>7.3f} "
-              f"{r['ratio_raw']:>6.2f} {r['local_copy_s']:>8.3f} {r['peak_gib']:>9.2f}")
+              f"{r['ratio_raw']:>6.2f} {r['local_copy_s']:>8.3f} {r['peak_gib']:>9.2f} "
+              f"{r['direct_share']:>7.0%} {r['kept_bytes'] / 2**20:>9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "args": vars(args), **result}, f, indent=1)

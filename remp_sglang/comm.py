@@ -239,12 +239,15 @@ class Communicator:
         return self._nccl
 
     def exchange(
-        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], tag: int
+        self, sends: dict[int, torch.Tensor | list[torch.Tensor]],
+        recvs: dict[int, torch.Tensor | list[torch.Tensor]], tag: int
     ) -> list:
-        """Post every send and receive at once; per pair the lower rank sends first.
-        On NCCL the round is one coalesced group call (NCCL ignores tags and would
-        otherwise serialise the pairs on its stream)."""
-        tensors = [t for t in (*sends.values(), *recvs.values()) if t.numel()]
+        """Post every send and receive at once (a peer's list in order: messages of one
+        tag between a pair match in the order they are posted); per pair the lower rank
+        sends first. On NCCL the round is one coalesced group call (NCCL ignores tags
+        and would otherwise serialise the pairs on its stream)."""
+        sends, recvs = _lists(sends), _lists(recvs)
+        tensors = [t for ts in (*sends.values(), *recvs.values()) for t in ts]
         if not tensors:
             return []
         device = tensors[0].device
@@ -254,16 +257,15 @@ class Communicator:
             pg._start_coalescing(device)
         works = []
         for peer in sorted(set(sends) | set(recvs)):
-            ops = [("send", sends.get(peer)), ("recv", recvs.get(peer))]
+            ops = [("send", sends.get(peer, [])), ("recv", recvs.get(peer, []))]
             if self.rank > peer:
                 ops.reverse()
-            for kind, tensor in ops:
-                if tensor is None or tensor.numel() == 0:
-                    continue
-                if kind == "send":
-                    works.append(pg.send([tensor], peer, tag))
-                else:
-                    works.append(pg.recv([tensor], peer, tag))
+            for kind, ts in ops:
+                for tensor in ts:
+                    if kind == "send":
+                        works.append(pg.send([tensor], peer, tag))
+                    else:
+                        works.append(pg.recv([tensor], peer, tag))
         if nccl:
             works = [DeviceRound(pg._end_coalescing(device))]
         return works
@@ -519,3 +521,12 @@ class Backoff:
     def sleep(self) -> None:
         time.sleep(self.delay)
         self.delay = min(self.delay * 1.5, self.most)
+
+
+def _lists(messages: dict[int, torch.Tensor | list[torch.Tensor]]) -> dict[int, list]:
+    """Each peer's non-empty tensors, as a list."""
+    out = {}
+    for peer, ts in messages.items():
+        ts = [ts] if isinstance(ts, torch.Tensor) else ts
+        out[peer] = [t for t in ts if t.numel()]
+    return out

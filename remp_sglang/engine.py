@@ -14,6 +14,7 @@ serving on the old topology; with it, `restore` moves the released pieces back.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,7 @@ class KVPool:
 class MigrationStats:
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_direct: int = 0  # of those, sent from or received into the pools themselves
     bytes_kept: int = 0  # copied locally from the old into the new pool
     rounds: int = 0
     staging_bytes: int = 0
@@ -96,7 +98,9 @@ class CapacityError(ValueError):
 
 
 def remap_slots(live_slots: torch.Tensor, new_num_slots: int, reserved: int = 1) -> torch.Tensor:
-    """New index of each live slot: unchanged when it fits, else moved to a free slot.
+    """New index of each live slot: unchanged when it fits, else moved to a free slot
+    (the lowest free ones, in the order of the old slots: a run of old slots stays a run,
+    which the engine moves without packing).
 
     Slots below `reserved` are never handed out (SGLang keeps slot 0 as padding).
     Raises ValueError when the live slots cannot fit.
@@ -117,7 +121,8 @@ def remap_slots(live_slots: torch.Tensor, new_num_slots: int, reserved: int = 1)
     taken[live[fits]] = True
     free = (~taken).nonzero().flatten()
     out = live.clone()
-    out[~fits] = free[: int((~fits).sum())]
+    moved = (~fits).nonzero().flatten()
+    out[moved[torch.argsort(live[moved])]] = free[: moved.numel()]
     return out
 
 
@@ -140,9 +145,9 @@ def _check_pool(pool: KVPool | None, topo: Topology, rank: int, shape: ModelShap
         if layers is not None and layer not in layers:
             continue
         for t in (pool.k[j], pool.v[j]):
-            if tuple(t.shape[1:]) != (heads, shape.head_dim):
-                raise ValueError(f"{name}: rank {rank} buffers must be [slots, {heads}, "
-                                 f"{shape.head_dim}], got {list(t.shape)}")
+            if tuple(t.shape[1:]) != (heads, shape.head_dim) or not t.is_contiguous():
+                raise ValueError(f"{name}: rank {rank} buffers must be contiguous [slots, "
+                                 f"{heads}, {shape.head_dim}], got {list(t.shape)}")
 
 
 @dataclass(frozen=True)
@@ -357,12 +362,14 @@ def relayout(
             items = [run.item(t) for t in transfers(run.pieces, stage, staging_bytes // 2,
                                                     kv_plan, tokens, w_plan)]
             run.expect(items)
-            ex = run_exchange(comm, items, staging_bytes, device, staging)
+            local, run.local = run.local, []
+            ex = run_exchange(comm, items, staging_bytes, device, staging, local)
             stats.seconds["exchange"] += ex.seconds
             stats.rounds += ex.rounds
             stats.staging_bytes = max(stats.staging_bytes, ex.staging_bytes)
             stats.bytes_sent += ex.bytes_sent
             stats.bytes_received += ex.bytes_received
+            stats.bytes_direct += ex.bytes_direct
         except Exception as exc:  # straight to the vote: peers waiting on this rank see it
             error = exc
             break
@@ -495,8 +502,18 @@ class _Run:
         self.rank, self.old, self.new, self.kv, self.weights = rank, old, new, kv, weights
         self.kv_plan, self.w_plan, self.device = kv_plan, w_plan, device
         self.release_old, self.fault = release_old, fault
-        self.slots = [(f.src_slots.to(device=device, dtype=torch.int64),
-                       f.dst_slots.to(device=device, dtype=torch.int64)) for f in flows]
+        # Each flow's pairs in the order of their old slots: runs of consecutive slots
+        # then travel without packing (`_kv_item`). `runs` counts, per flow and side,
+        # the breaks in consecutiveness up to each position (on host copies: every rank
+        # decides the same, without a device sync per item).
+        self.slots, self.runs = [], []
+        for f in flows:
+            src, dst = f.src_slots.to(torch.int64).cpu(), f.dst_slots.to(torch.int64).cpu()
+            order = torch.argsort(src)
+            src, dst = src[order], dst[order]
+            self.runs.append((src, dst, _breaks(src), _breaks(dst)))
+            self.slots.append((src.to(device), dst.to(device)))
+        self.local: list[Callable[[], None]] = []  # copies within this rank, to run
         self.pieces: list[Piece] = []
         if kv is not None:
             s = kv.shape
@@ -592,14 +609,19 @@ class _Run:
         for m in plan.keeps(self.rank):
             if layer not in m.layers:
                 continue
-            src_slots, dst_slots = self.slots[m.flow]
-            i = self._local_layer(self.old, layer)
-            kernels.copy_kv(
-                [old_pool.k[i]], [old_pool.v[i]], src_slots, [pool.k[j]], [pool.v[j]],
-                dst_slots, src_layers=(0, 1),
-                src_heads=self._heads(plan.old, m.heads),
-                dst_head_begin=plan.local_head(plan.new, self.rank, m.heads.start))
-            self.kept["kv"] += plan.bytes_per_token([m]) // len(m.layers) * src_slots.numel()
+
+            def keep(m=m) -> None:
+                src_slots, dst_slots = self.slots[m.flow]
+                i = self._local_layer(self.old, layer)
+                kernels.copy_kv(
+                    [old_pool.k[i]], [old_pool.v[i]], src_slots, [pool.k[j]], [pool.v[j]],
+                    dst_slots, src_layers=(0, 1),
+                    src_heads=self._heads(plan.old, m.heads),
+                    dst_head_begin=plan.local_head(plan.new, self.rank, m.heads.start))
+                self.kept["kv"] += \
+                    plan.bytes_per_token([m]) // len(m.layers) * src_slots.numel()
+
+            self.local.append(keep)
 
     def _open_param(self, spec: ParamSpec) -> None:
         model, rank = self.weights.model, self.rank
@@ -611,9 +633,14 @@ class _Run:
         self.new_params[spec.name] = t
         for m in self.w_plan.moves:
             if m.name == spec.name and m.is_local and m.dst == rank:
-                t.narrow(spec.dim, m.dst_local, m.length).copy_(
-                    self.weights.old_params[m.name].narrow(spec.dim, m.src_local, m.length))
-                self.kept["weights"] += m.length * self.w_plan.row_bytes[m.name]
+
+                def keep(m=m) -> None:
+                    t.narrow(spec.dim, m.dst_local, m.length).copy_(
+                        self.weights.old_params[m.name].narrow(spec.dim, m.src_local,
+                                                               m.length))
+                    self.kept["weights"] += m.length * self.w_plan.row_bytes[m.name]
+
+                self.local.append(keep)
 
     def _local_layer(self, topo: Topology, layer: int) -> int:
         return layer - topo.layer_range(self.rank, self.kv.shape.num_layers).start
@@ -634,6 +661,13 @@ class _Run:
         src_slots, dst_slots = self.slots[t.flow]
         src, dst = src_slots[t.a:t.b], dst_slots[t.a:t.b]
         dims = (2, 1, t.b - t.a, len(m.heads), s.head_dim)
+        host_src, host_dst, src_breaks, dst_breaks = self.runs[t.flow]
+        heads = self.kv.shape.num_kv_heads
+        # direct: one run of slots holding every head of that side's pool (rows whole)
+        src_direct = _run(src_breaks, t.a, t.b) and \
+            m.heads == self.old.kv_head_range(t.src, heads)
+        dst_direct = _run(dst_breaks, t.a, t.b) and \
+            m.heads == self.new.kv_head_range(t.dst, heads)
 
         def pack(view: torch.Tensor) -> None:
             if self.fault:
@@ -652,24 +686,59 @@ class _Run:
                                                                   m.heads.start))
             self.landed(t.piece)
 
-        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
+        def views() -> list[torch.Tensor]:
+            if self.rank == t.src:
+                if self.fault:
+                    self.fault("gather", self.rank)
+                self.sent["kv"] += t.nbytes
+                topo, pool, first = self.old, self.kv.old_pool, host_src[t.a]
+            else:
+                topo, pool, first = self.new, self.new_pool, host_dst[t.a]
+            j, n = self._local_layer(topo, t.layer), t.b - t.a
+            return [_bytes(x[j].narrow(0, int(first), n)) for x in (pool.k, pool.v)]
+
+        direct = src_direct or dst_direct
+        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece, parts=2 if direct else 0,
+                    src_direct=src_direct, dst_direct=dst_direct,
+                    views=views if direct else None, landed=lambda: self.landed(t.piece))
 
     def _weight_item(self, t: Transfer) -> Item:
-        m, dim = t.move, self.specs[t.move.name].dim
+        m, spec = t.move, self.specs[t.move.name]
+        dim, model = spec.dim, self.weights.model
+        # direct: a slice of whole rows (every dimension before the cut has size 1)
+        src_direct = math.prod(local_shape(spec, model, self.old, t.src)[:dim]) == 1
+        dst_direct = math.prod(local_shape(spec, model, self.new, t.dst)[:dim]) == 1
+
+        def source() -> torch.Tensor:
+            return self.weights.old_params[m.name].narrow(dim, m.src_local + t.a, t.b - t.a)
+
+        def target() -> torch.Tensor:
+            return self.new_params[m.name].narrow(dim, m.dst_local + t.a, t.b - t.a)
 
         def pack(view: torch.Tensor) -> None:
             if self.fault:
                 self.fault("gather", self.rank)
-            src = self.weights.old_params[m.name].narrow(dim, m.src_local + t.a, t.b - t.a)
+            src = source()
             view.view(src.dtype).view(src.shape).copy_(src)
             self.sent["weights"] += t.nbytes
 
         def unpack(view: torch.Tensor) -> None:
-            dst = self.new_params[m.name].narrow(dim, m.dst_local + t.a, t.b - t.a)
+            dst = target()
             dst.copy_(view.view(dst.dtype).view(dst.shape))
             self.landed(t.piece)
 
-        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece)
+        def views() -> list[torch.Tensor]:
+            if self.rank == t.src:
+                if self.fault:
+                    self.fault("gather", self.rank)
+                self.sent["weights"] += t.nbytes
+                return [_bytes(source())]
+            return [_bytes(target())]
+
+        direct = src_direct or dst_direct
+        return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece, parts=1 if direct else 0,
+                    src_direct=src_direct, dst_direct=dst_direct,
+                    views=views if direct else None, landed=lambda: self.landed(t.piece))
 
     def busiest_bytes(self) -> int:
         """The busiest rank's max(sent, received) over both parts, from the plans."""
@@ -685,6 +754,24 @@ class _Run:
                 recv += self.w_plan.bytes_received(r)
             best = max(best, sent, recv)
         return best
+
+
+def _breaks(slots: torch.Tensor) -> torch.Tensor:
+    """breaks[i]: how many of slots[1..i] do not follow their predecessor by one."""
+    out = torch.zeros(slots.numel(), dtype=torch.int64)
+    if slots.numel() > 1:
+        out[1:] = torch.cumsum(slots[1:] - slots[:-1] != 1, 0)
+    return out
+
+
+def _run(breaks: torch.Tensor, a: int, b: int) -> bool:
+    """Whether positions a..b-1 hold consecutive slots."""
+    return b > a and int(breaks[b - 1]) == int(breaks[a])
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as flat bytes (a view: raises if it is not one)."""
+    return t.view(-1).view(torch.uint8)
 
 
 @functools.lru_cache(maxsize=64)

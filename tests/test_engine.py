@@ -73,8 +73,15 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
         for name, shape in SHAPES.items():
             full_k, full_v = full_pool(shape, seed=len(name))
             g = torch.Generator().manual_seed(7)
-            live = torch.randperm(OLD_SLOTS - 1, generator=g)[:20] + 1  # slot 0 reserved
-            for old, new in itertools.product(layouts(world, shape), repeat=2):
+            shuffled = torch.randperm(20, generator=g)
+            lives = {  # slot 0 reserved
+                "scattered": torch.randperm(OLD_SLOTS - 1, generator=g)[:20] + 1,
+                # a run of consecutive slots (in any order): moved without packing
+                "dense": shuffled + 30,
+                "two runs": torch.where(shuffled < 10, shuffled + 5, shuffled + 30),
+            }
+            for (kind, live), (old, new) in itertools.product(
+                    lives.items(), itertools.product(layouts(world, shape), repeat=2)):
                 old_pool = shard_pool(full_k, full_v, old, rank, shape)
                 snapshot = [t.clone() for t in old_pool.k + old_pool.v] if old_pool else []
                 for new_slots, staging in ((OLD_SLOTS, 1 << 20), (24, 4096)):
@@ -88,6 +95,14 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
                     assert res.stats.bytes_received == pred.kv_received[rank]
                     assert res.compacted == (new_slots < OLD_SLOTS)
                     assert res.stats.staging_bytes <= staging
+                    if kind == "dense":  # every move has a side holding whole rows
+                        total = torch.tensor([res.stats.bytes_direct, res.stats.bytes_sent],
+                                             dtype=torch.float64)
+                        comm.pg.allreduce([total]).wait()
+                        direct, sent = total.tolist()
+                        assert direct >= sent, (old, new, rank)
+                        if old.tp == new.tp:  # layers move whole: both sides direct
+                            assert direct == 2 * sent, (old, new, rank)
                     if old == new:
                         assert res.stats.bytes_sent == res.stats.bytes_received == 0
                 if old_pool:  # the old pool is only read
@@ -144,6 +159,8 @@ def test_remap_slots_keeps_what_fits_and_compacts_the_rest():
     assert set(out.tolist()) <= set(range(1, 8)) and len(set(out.tolist())) == 4
     with pytest.raises(ValueError, match="do not fit"):
         remap_slots(live, 4)  # 3 usable slots
+    # moved slots take the lowest free ones in the order of their old indices
+    assert remap_slots(torch.tensor([12, 10, 11, 2]), 8).tolist() == [4, 1, 3, 2]
 
 
 # -- weights ----------------------------------------------------------------------------
