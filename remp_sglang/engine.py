@@ -48,6 +48,9 @@ from .weights import (
 )
 
 DEFAULT_STAGING_BYTES = 64 << 20
+# An item smaller than this is packed even where a side could send or receive it as it
+# lies: a message of its own costs more than copying it (about 0.1 ms on loopback).
+DIRECT_MIN_BYTES = 256 << 10
 
 # Test hook: called as fault(step, rank) at each step; raising there simulates a failure.
 FaultHook = Callable[[str, int], None]
@@ -303,6 +306,7 @@ def relayout(
     fault: FaultHook | None = None,
     only: Collection[str] | None = None,
     stage_bytes: int | None = None,
+    direct_min_bytes: int = DIRECT_MIN_BYTES,
 ) -> Relayout:
     """This rank's KV pool and weights for `new`, in one exchange.
 
@@ -317,7 +321,8 @@ def relayout(
     (`pieces.stages`) that allocate at most `stage_bytes` (default: `staging_bytes`)
     on a rank, or one larger piece, before the stage's old tensors are released.
     `only`: the names of the pieces to move (`restore`); the others are neither read
-    nor made.
+    nor made. Items of at least `direct_min_bytes` with a side holding whole rows move
+    without packing on that side (`exchange`).
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
@@ -347,7 +352,7 @@ def relayout(
     stats.seconds["plan"] = time.perf_counter() - t0
 
     run = _Run(rank, old, new, kv, weights, kv_plan, w_plan, flows, rows, device,
-               release_old, fault, only)
+               release_old, fault, only, direct_min_bytes)
     cut = stages(run.pieces, run.order, stage_bytes or staging_bytes)
     tokens = [f.src_slots.numel() for f in flows]
     t1 = time.perf_counter()
@@ -498,8 +503,10 @@ class _Run:
                  weights: WeightPart | None, kv_plan: KVPlan | None, w_plan: Any,
                  flows: list[SlotFlow], old_rows: list[int], device: torch.device,
                  release_old: bool, fault: FaultHook | None,
-                 only: Collection[str] | None = None) -> None:
+                 only: Collection[str] | None = None,
+                 direct_min_bytes: int = DIRECT_MIN_BYTES) -> None:
         self.rank, self.old, self.new, self.kv, self.weights = rank, old, new, kv, weights
+        self.direct_min_bytes = direct_min_bytes
         self.kv_plan, self.w_plan, self.device = kv_plan, w_plan, device
         self.release_old, self.fault = release_old, fault
         # Each flow's pairs in the order of their old slots: runs of consecutive slots
@@ -705,9 +712,9 @@ class _Run:
             j, n = self._local_layer(topo, t.layer), t.b - t.a
             return [_bytes(x[j].narrow(0, int(first), n)) for x in (pool.k, pool.v)]
 
-        direct = src_direct or dst_direct
+        direct = (src_direct or dst_direct) and t.nbytes >= self.direct_min_bytes
         return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece, parts=2 if direct else 0,
-                    src_direct=src_direct, dst_direct=dst_direct,
+                    src_direct=direct and src_direct, dst_direct=direct and dst_direct,
                     views=views if direct else None, landed=lambda: self.landed(t.piece))
 
     def _weight_item(self, t: Transfer) -> Item:
@@ -743,9 +750,9 @@ class _Run:
                 return [_bytes(source())]
             return [_bytes(target())]
 
-        direct = src_direct or dst_direct
+        direct = (src_direct or dst_direct) and t.nbytes >= self.direct_min_bytes
         return Item(t.src, t.dst, t.nbytes, pack, unpack, t.piece, parts=1 if direct else 0,
-                    src_direct=src_direct, dst_direct=dst_direct,
+                    src_direct=direct and src_direct, dst_direct=direct and dst_direct,
                     views=views if direct else None, landed=lambda: self.landed(t.piece))
 
     def busiest_bytes(self) -> int:

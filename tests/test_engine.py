@@ -85,8 +85,10 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
                 old_pool = shard_pool(full_k, full_v, old, rank, shape)
                 snapshot = [t.clone() for t in old_pool.k + old_pool.v] if old_pool else []
                 for new_slots, staging in ((OLD_SLOTS, 1 << 20), (24, 4096)):
+                    # every item may move directly (in a server, only those of 256 KiB+)
                     res = migrate_kv(comm, old, new, shape, old_pool, live, new_slots,
-                                     dtype=torch.float32, staging_bytes=staging)
+                                     dtype=torch.float32, staging_bytes=staging,
+                                     direct_min_bytes=0)
                     check_kv(res, full_k, full_v, new, rank, shape, live)
                     # /remp/plan's prediction is what the engine moves, byte for byte
                     model = DenseDecoder(shape, shape.num_heads * shape.head_dim, 16, 64)
@@ -105,6 +107,11 @@ def _kv_world(rank: int, world: int, port: int, errors) -> None:
                             assert direct == 2 * sent, (old, new, rank)
                     if old == new:
                         assert res.stats.bytes_sent == res.stats.bytes_received == 0
+                # by default items this small are packed: a message each costs more
+                res = migrate_kv(comm, old, new, shape, old_pool, live, OLD_SLOTS,
+                                 dtype=torch.float32)
+                check_kv(res, full_k, full_v, new, rank, shape, live)
+                assert res.stats.bytes_direct == 0
                 if old_pool:  # the old pool is only read
                     assert all(torch.equal(a, b)
                                for a, b in zip(snapshot, old_pool.k + old_pool.v, strict=True))
