@@ -245,12 +245,15 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--configs", default="DP2,TP2,PP2,auto")
     parser.add_argument("--windows", default=None,
-                        help="comma-separated substrings: only the windows whose label has one")
+                        help="comma-separated substrings: only the windows whose label has "
+                             "one (=LABEL: that label exactly)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "trace_replay")
     args = parser.parse_args()
     wins = windows(args.quick)
     if args.windows:
-        wins = [w for w in wins if any(k in w[0] for k in args.windows.split(","))]
+        keys = args.windows.split(",")
+        wins = [w for w in wins if any(w[0] == k[1:] if k.startswith("=") else k in w[0]
+                                       for k in keys)]
     for label, reqs, _, info in wins:
         print(f"window {label}: {len(reqs)} requests over {reqs[-1].t:.0f}s, "
               f"long share {info['long_share']}", flush=True)
