@@ -48,12 +48,6 @@ class Item:
     def padded(self) -> int:
         return -(-self.nbytes // ALIGN) * ALIGN
 
-    def staged(self, rank: int) -> int:
-        """Staging bytes this item takes on `rank` (none on a direct side)."""
-        if rank == self.src and not self.src_direct or rank == self.dst and not self.dst_direct:
-            return self.padded
-        return 0
-
 
 @dataclass
 class ExchangeStats:
