@@ -137,7 +137,8 @@ def _gather_rows(comm: Communicator, values: list[float]) -> list[list[float]]:
 
 
 def _summary(s) -> list[float]:
-    """A rank's figures for the weights and "both" rows (`_shares` reads the last four)."""
+    """A rank's figures for a row: exchange s, peak bytes, open s, bytes sent, received,
+    moved directly, kept (`_shares` reads the last four)."""
     return [s.seconds["exchange"], s.peak_bytes, s.seconds["open"],
             s.bytes_sent, s.bytes_received, s.bytes_direct, s.bytes_kept]
 
@@ -169,28 +170,22 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             res = migrate_kv(comm, old, new, shape, pool, live, tokens + 1,
                              dtype=torch.bfloat16, staging_bytes=staging.numel(),
                              staging=staging)
-            s = res.stats
-            runs.append(_gather_rows(comm, [s.bytes_sent, s.bytes_received,
-                                            s.seconds["exchange"], s.seconds["open"],
-                                            s.peak_bytes, s.bytes_direct, s.bytes_kept]))
+            runs.append(_gather_rows(comm, _summary(res.stats)))
             del res
         per_rank = runs[-1]
         plan = plan_kv(old, new, shape)
         n = live.numel()
         busiest = plan.max_rank_bytes(n)
-        transfer = statistics.median(max(r[2] for r in run) for run in runs[1:])
+        transfer = statistics.median(max(r[0] for r in run) for run in runs[1:])
         raw = raw_pattern_seconds(comm, *_pattern(plan, rank, n), repeats=args.repeats)
-        moved = sum(r[0] + r[1] for r in per_rank)
         rows.append({
             "what": what, "old": f"TP{otp}PP{opp}", "new": f"TP{ntp}PP{npp}", "tokens": n,
             "busiest_rank_bytes": busiest, "transfer_s": transfer,
-            "local_copy_s": statistics.median(max(r[3] for r in run) for run in runs[1:]),
+            "local_copy_s": statistics.median(max(r[2] for r in run) for run in runs[1:]),
             "lower_bound_s": busiest / bw, "ratio": transfer / (busiest / bw) if busiest else 0,
             "raw_pattern_s": raw, "ratio_raw": transfer / raw if busiest else 0,
-            "peak_gib": max(r[4] for r in per_rank) / 2**30,
-            "direct_share": sum(r[5] for r in per_rank) / moved if moved else 0.0,
-            "kept_bytes": max(r[6] for r in per_rank),
-            "bytes_per_rank": [int(max(r[0], r[1])) for r in per_rank],
+            "peak_gib": max(r[1] for r in per_rank) / 2**30, **_shares(per_rank),
+            "bytes_per_rank": [int(max(r[3], r[4])) for r in per_rank],
         })
         del pool
     if not args.skip_weights:
