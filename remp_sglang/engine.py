@@ -307,6 +307,9 @@ def relayout(
     only: Collection[str] | None = None,
     stage_bytes: int | None = None,
     direct_min_bytes: int = DIRECT_MIN_BYTES,
+    receivers: Collection[int] | None = None,
+    pre: PreCopy | None = None,
+    dirty: Sequence[torch.Tensor] = (),
 ) -> Relayout:
     """This rank's KV pool and weights for `new`, in one exchange.
 
@@ -323,6 +326,12 @@ def relayout(
     `only`: the names of the pieces to move (`restore`); the others are neither read
     nor made. Items of at least `direct_min_bytes` with a side holding whole rows move
     without packing on that side (`exchange`).
+
+    `receivers`: only these ranks receive (the others send and allocate nothing;
+    `precopy`). `pre`: what `precopy` already gave the joining ranks; they reuse its
+    tensors and receive only the weights it lacks (none) and the live slots it did not
+    copy or that were written since (`dirty`: per old replica, the slots allocated after
+    its snapshot).
     """
     rank, stats, t0 = comm.rank, MigrationStats(), time.perf_counter()
     device = torch.device(device)
@@ -343,6 +352,11 @@ def relayout(
         if weights is not None:
             w_plan = plan_weights(old, new, weights.model)
             _check_params(weights, old, rank, only)
+        if pre is not None:
+            flows, kv_plan, w_plan = _after_precopy(pre, rank, old, new, kv, flows, kv_plan,
+                                                    w_plan, dirty)
+        elif receivers is not None:
+            kv_plan, w_plan = _restrict(kv_plan, w_plan, lambda dst, flow: dst in receivers)
         if fault:
             fault("plan", rank)
     except Exception as exc:  # agreed on below: every rank raises
@@ -352,7 +366,7 @@ def relayout(
     stats.seconds["plan"] = time.perf_counter() - t0
 
     run = _Run(rank, old, new, kv, weights, kv_plan, w_plan, flows, rows, device,
-               release_old, fault, only, direct_min_bytes)
+               release_old, fault, only, direct_min_bytes, receivers, pre)
     cut = stages(run.pieces, run.order, stage_bytes or staging_bytes)
     tokens = [f.src_slots.numel() for f in flows]
     t1 = time.perf_counter()
@@ -405,10 +419,104 @@ def relayout(
     stats.seconds["total"] = time.perf_counter() - t0
     new_slots = flows[0].dst_slots.cpu() if flows else torch.empty(0, dtype=torch.int64)
     compacted = any(r and not torch.equal(f.dst_slots.cpu(), f.src_slots.to(torch.int64).cpu())
-                    for r, f in zip(remapped, flows, strict=True))
+                    for r, f in zip(remapped, flows[:len(remapped)], strict=True))
     pool = run.new_pool if kv is not None and new.is_active(rank) else None
     return Relayout(run.new_params, pool, new_slots, compacted, stats, dict(run.sent),
                     dict(run.kept), run)
+
+
+@dataclass
+class PreCopy:
+    """What `precopy` moved while the old layout still served: the joining ranks' new
+    weights, whole, and the KV rows of a snapshot of slots, in their new tensors. A later
+    `relayout(..., pre=)` between the same layouts moves only the rest."""
+
+    old: Topology
+    new: Topology
+    ranks: frozenset[int]  # the joining ranks: parked in `old`, active in `new`
+    flows: list[SlotFlow]  # the snapshot's rows as copied (destination slots set)
+    pool: KVPool | None  # this rank's new pool (joining ranks only)
+    params: dict[str, torch.Tensor]  # this rank's new weights (joining ranks only)
+    stats: MigrationStats
+    bytes_sent: dict[str, int]  # per part, summed over this rank's sends
+
+
+def joining(old: Topology, new: Topology) -> frozenset[int]:
+    """Ranks parked in `old` and active in `new`: their whole budget is free while the
+    old layout serves, so they can receive before the pause."""
+    return frozenset(r for r in new.active_ranks if not old.is_active(r))
+
+
+def precopy(comm: Communicator, old: Topology, new: Topology, kv: KVPart,
+            weights: WeightPart, **options: Any) -> PreCopy:
+    """Give the joining ranks their new weights and the KV rows of `kv.flows` (a snapshot
+    of slots whose rows no longer change while they stay allocated) while the old layout
+    serves: senders only read their tensors, and allocate nothing but staging; nothing
+    old is released. Every launched rank calls it alike (ValueError everywhere if no
+    rank joins). `options` are `relayout`'s."""
+    ranks = joining(old, new)
+    if not ranks:
+        raise ValueError(f"no rank joins from {old} to {new}: nothing to pre-copy")
+    res = relayout(comm, old, new, kv, weights, receivers=ranks,
+                   **{**options, "release_old": False})
+    mine = comm.rank in ranks
+    return PreCopy(old, new, ranks, list(res.run.flows), res.pool if mine else None,
+                   res.params if mine else {}, res.stats, dict(res.bytes_sent))
+
+
+def _restrict(kv_plan: KVPlan | None, w_plan: Any,
+              keep: Callable[[int, int], bool]) -> tuple[KVPlan | None, Any]:
+    """The plans less the moves whose (destination, flow) `keep` rejects."""
+    if kv_plan is not None:
+        kv_plan = replace(kv_plan, moves=tuple(m for m in kv_plan.moves
+                                               if keep(m.dst, m.flow)))
+    if w_plan is not None:
+        w_plan = replace(w_plan, moves=[m for m in w_plan.moves if keep(m.dst, -1)])
+    return kv_plan, w_plan
+
+
+def _after_precopy(pre: PreCopy, rank: int, old: Topology, new: Topology, kv: KVPart | None,
+                   flows: list[SlotFlow], kv_plan: KVPlan | None, w_plan: Any,
+                   dirty: Sequence[torch.Tensor]) -> tuple[list[SlotFlow], KVPlan | None, Any]:
+    """Flows and plans of a pause after `pre`: ranks that did not join move as without
+    it; the joining ranks receive no weights and, per flow, only the pairs `pre` did not
+    copy to the same slot or whose slot was written since (`dirty`). Those pairs travel
+    as extra flows (index + len(flows)) that only the joining ranks receive."""
+    if (pre.old, pre.new) != (old, new):
+        raise ValueError(f"pre: copied for {pre.old} -> {pre.new}, not this reshape")
+    if rank in pre.ranks and kv is not None and pre.pool is not None and \
+            pre.pool.num_slots != kv.new_num_slots:
+        raise ValueError(f"pre: its pool has {pre.pool.num_slots} slots, the reshape's "
+                         f"{kv.new_num_slots}")
+    n = len(flows)
+    rest = [_rest(f, pre.flows, dirty[f.src_replica] if f.src_replica < len(dirty)
+                  else torch.empty(0, dtype=torch.int64)) for f in flows]
+    if kv_plan is not None:
+        kv_plan = plan_kv(kv_plan.old, kv_plan.new, kv_plan.shape,
+                          [(f.src_replica, f.dst_replica) for f in flows + rest])
+    kv_plan, w_plan = _restrict(
+        kv_plan, w_plan, lambda dst, flow: (dst in pre.ranks) == (flow >= n))
+    return flows + rest, kv_plan, w_plan
+
+
+def _rest(flow: SlotFlow, copied: Sequence[SlotFlow], dirty: torch.Tensor) -> SlotFlow:
+    """The pairs of `flow` that `copied` lacks: not copied to the same new slot, or
+    written since (`dirty`). Array operations over a table of slots, no loop per slot."""
+    src, dst = flow.src_slots.to(torch.int64).cpu(), flow.dst_slots.to(torch.int64).cpu()
+    same = [c for c in copied if (c.src_replica, c.dst_replica) ==
+            (flow.src_replica, flow.dst_replica)]
+    size = max([_max(src)] + [_max(c.src_slots) for c in same]) + 1
+    table = torch.full((size,), -1, dtype=torch.int64)
+    for c in same:
+        table[c.src_slots.to(torch.int64).cpu()] = c.dst_slots.to(torch.int64).cpu()
+    clean = table[src] == dst
+    marks = dirty.to(torch.int64).cpu()
+    marks = marks[marks < size]
+    if marks.numel():
+        written = torch.zeros(size, dtype=torch.bool)
+        written[marks] = True
+        clean &= ~written[src]
+    return SlotFlow(flow.src_replica, flow.dst_replica, src[~clean], dst[~clean])
 
 
 class RelayoutFailed(MigrationError):
@@ -504,8 +612,14 @@ class _Run:
                  flows: list[SlotFlow], old_rows: list[int], device: torch.device,
                  release_old: bool, fault: FaultHook | None,
                  only: Collection[str] | None = None,
-                 direct_min_bytes: int = DIRECT_MIN_BYTES) -> None:
+                 direct_min_bytes: int = DIRECT_MIN_BYTES,
+                 receivers: Collection[int] | None = None,
+                 pre: PreCopy | None = None) -> None:
         self.rank, self.old, self.new, self.kv, self.weights = rank, old, new, kv, weights
+        # Whether this rank makes its new tensors here (not: it only sends, `precopy`),
+        # and the pre-copied ones it takes instead (the pause after `precopy`).
+        self.makes = receivers is None or rank in receivers
+        self.pre = pre if pre is not None and rank in pre.ranks else None
         self.direct_min_bytes = direct_min_bytes
         self.kv_plan, self.w_plan, self.device = kv_plan, w_plan, device
         self.release_old, self.fault = release_old, fault
@@ -562,6 +676,8 @@ class _Run:
     def open(self, i: int) -> None:
         """Allocate piece i's new tensor here and copy the slices this rank keeps."""
         self.opened.add(i)
+        if not self.makes:
+            return
         piece = self.pieces[i]
         if piece.layer >= 0:
             self._open_kv(piece.layer)
@@ -605,13 +721,17 @@ class _Run:
         j = self._local_layer(self.new, layer)
         pool, s = self.new_pool, self.kv.shape
         heads = len(self.new.kv_head_range(self.rank, s.num_kv_heads))
-        # One allocation for K and V, as SGLang makes it. Slots no token holds are never
-        # read, so only the reserved ones (padding) are zeroed: writing the whole layer
-        # first would double the bytes written (and, on CPU, fault every page in).
-        both = torch.empty(2, self.kv.new_num_slots, heads, s.head_dim,
-                           dtype=self.kv.dtype, device=self.device)
-        both[:, :self.kv.reserved_slots].zero_()
-        pool.k[j], pool.v[j] = both[0], both[1]
+        if self.pre is not None:  # made and partly filled before the pause
+            pool.k[j], pool.v[j] = self.pre.pool.k[j], self.pre.pool.v[j]
+        else:
+            # One allocation for K and V, as SGLang makes it. Slots no token holds are
+            # never read, so only the reserved ones (padding) are zeroed: writing the
+            # whole layer first would double the bytes written (and, on CPU, fault every
+            # page in).
+            both = torch.empty(2, self.kv.new_num_slots, heads, s.head_dim,
+                               dtype=self.kv.dtype, device=self.device)
+            both[:, :self.kv.reserved_slots].zero_()
+            pool.k[j], pool.v[j] = both[0], both[1]
         plan, old_pool = self.kv_plan, self.kv.old_pool
         for m in plan.keeps(self.rank):
             if layer not in m.layers:
@@ -633,6 +753,9 @@ class _Run:
     def _open_param(self, spec: ParamSpec) -> None:
         model, rank = self.weights.model, self.rank
         if not owns(spec, model, self.new, rank):
+            return
+        if self.pre is not None:  # moved whole before the pause
+            self.new_params[spec.name] = self.pre.params[spec.name]
             return
         t = torch.empty(local_shape(spec, model, self.new, rank), dtype=self.weights.dtype,
                         device=self.device)
@@ -795,7 +918,8 @@ def _order(pieces: tuple[Piece, ...]) -> list[int]:
 
 
 __all__ = [
-    "CapacityError", "KVMigration", "KVPart", "KVPool", "MigrationStats", "Relayout",
-    "RelayoutFailed", "WeightPart", "WeightReshard", "migrate_kv", "migrate_kv_flows",
-    "release", "relayout", "remap_slots", "reshard_weights", "restore",
+    "CapacityError", "KVMigration", "KVPart", "KVPool", "MigrationStats", "PreCopy",
+    "Relayout", "RelayoutFailed", "WeightPart", "WeightReshard", "joining", "migrate_kv",
+    "migrate_kv_flows", "precopy", "release", "relayout", "remap_slots", "reshard_weights",
+    "restore",
 ]
