@@ -98,6 +98,7 @@ class Communicator:
     _heartbeat: Heartbeat | None = field(default=None, repr=False)
     _seen: dict[int, tuple[int, float]] = field(default_factory=dict, repr=False)
     _epoch: int = field(default=0, repr=False)
+    _phase: str = field(default="", repr=False)
     dirty: bool = False  # a wait was given up on: renew the group before the next use
     patient: bool = False  # a rollback: wait for a silent peer until the deadline
     _generation: int = field(default=0, repr=False)
@@ -134,14 +135,16 @@ class Communicator:
         return cls(pg, timeout_s, store, stall_s)
 
     # ---------------------------------------------------------------------- a reshape
-    def begin(self, epoch: int, deadline: float) -> None:
+    def begin(self, epoch: int, deadline: float, phase: str = "") -> None:
         """Start a reshape: bound every wait by `deadline`, beat, align tags and rounds.
 
         Tags and rounds restart from the epoch, so a rank that left an aborted reshape
         early is in step with its peers again, and no late message of that reshape can
-        match one of this."""
+        match one of this. A `phase` (the pre-copy before a reshape's pause) has tags and
+        agreement keys of its own."""
         self.deadline = deadline
-        self._tag, self._round, self._epoch = epoch << 16, 0, epoch
+        self._tag = (epoch << 16) | (0x4000 if phase else 0)
+        self._round, self._epoch, self._phase = 0, epoch, phase
         if self.dirty:
             self.renew()
         now = time.monotonic()
@@ -380,7 +383,7 @@ class Communicator:
 
     # ---------------------------------------------------------------------- agreement
     def _key(self, round_: int) -> str:
-        return f"agree/{self._epoch}/{round_}"
+        return f"agree/{self._epoch}{self._phase}/{round_}"
 
     def agree(self, error: BaseException | None, step: str, info: Any = None,
               patient: bool = False, where: str | None = None) -> list[Any]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_FAULT = "REMP_FAULT_INJECT"
-STEPS = ("prepare", "transfer", "teardown", "world", "model", "cache_import", "rebind")
+STEPS = ("precopy", "prepare", "transfer", "teardown", "world", "model", "cache_import",
+         "rebind")
 KINDS = ("raise", "freeze", "timeout", "delay")
 
 

@@ -65,6 +65,9 @@ class RempReshapeReqInput(BaseReq, kw_only=True):
     heads: list[int] = msgspec.field(default_factory=list)  # launch replicas to reach
     deadline: float = 0.0  # wall clock
     nonce: str = ""  # the reply carries it back: only its own caller takes it
+    # "": reshape now; "precopy": copy to the joining ranks while serving (answered once
+    # done); "after_precopy": the reshape that uses that copy (`precopy`)
+    phase: str = ""
 
 
 class RempReshapeReqOutput(BaseReq, kw_only=True):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
+import numpy as np
 import torch
 
 from remp_sglang.comm import Communicator, MigrationError, transport_for
@@ -94,6 +95,7 @@ class ReshapeOrder:
     pp: int
     deadline: float  # wall clock: every rank gives up (and rolls back) by then
     dp: int = 1
+    precopy: bool = False  # first copy to the joining ranks while serving (`precopy`)
 
     def validate(self, world_size: int, epoch: int) -> None:
         """Checked on receipt by every rank (parked ones read it from the store)."""
@@ -143,6 +145,7 @@ class RempRuntime:
     staging: torch.Tensor | None = None
     launch_channels: Any = None  # this process's IPC channels as launched
     worlds: Worlds = field(default_factory=Worlds)  # SGLang's worlds, built at launch
+    precopy: Any = None  # a pre-copy running or done for the pending order (`precopy`)
 
     def capacity_for(self, topo: Topology) -> int:
         """KV slots of `topo` under each rank's launch budget (`remp_sglang.memory`):
@@ -168,6 +171,11 @@ def order_key(epoch: int) -> str:
     return f"remp/order/{epoch}"
 
 
+def go_key(epoch: int) -> str:
+    """Posted by rank zero when a pre-copied reshape's pause begins."""
+    return f"remp/go/{epoch}"
+
+
 def publish_order(rt: RempRuntime, order: ReshapeOrder) -> None:
     """Rank zero makes the order visible to parked ranks (they poll the store)."""
     rt.store.set(order_key(order.epoch), msgspec.json.encode(order))
@@ -178,17 +186,34 @@ def wait_for_order(rt: RempRuntime) -> ReshapeOrder:
     parent. The order is plain JSON, type- and range-checked before anything acts on it."""
     key, parent = order_key(rt.epoch + 1), os.getppid()
     while True:
-        while not rt.store.check([key]):
-            if os.getppid() != parent:
-                raise SystemExit("remp: parent process gone while parked")
+        if os.getppid() != parent:
+            raise SystemExit("remp: parent process gone while parked")
+        if not rt.store.check([key]):
             time.sleep(PARK_POLL_S)
+            continue
         try:
             order = msgspec.json.decode(rt.store.get(key), type=ReshapeOrder)
             order.validate(rt.topology.world_size, rt.epoch + 1)
-            return order
         except (msgspec.DecodeError, ValueError) as error:
             logger.error("remp: ignored a malformed order under %s: %s", key, error)
             rt.store.delete_key(key)
+            continue
+        if order.deadline > time.time():
+            return order
+        time.sleep(PARK_POLL_S)  # given up by the others: the next order replaces it
+
+
+def wait_for_go(rt: RempRuntime, order: ReshapeOrder) -> bool:
+    """Parked ranks after a pre-copy: until the pause begins (True) or the order's
+    deadline passes (False: the others gave it up)."""
+    key, parent = go_key(order.epoch), os.getppid()
+    while not rt.store.check([key]):
+        if os.getppid() != parent:
+            raise SystemExit("remp: parent process gone while parked")
+        if time.time() > order.deadline:
+            return False
+        time.sleep(PARK_POLL_S)
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,6 +241,7 @@ def execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     rt.state = "reshaping"
     if rt.launch_rank == 0:  # every rank is past the previous reshape's order
         rt.store.delete_key(order_key(order.epoch - 1))
+        rt.store.delete_key(go_key(order.epoch - 1))
     try:
         return _execute(sched, rt, order, t_boundary)
     except ReshapeFailed as failed:
@@ -235,7 +261,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     t_boundary = t0 if t_boundary is None else t_boundary
     was_active, now_active = old.is_active(rank), new.is_active(rank)
     times: dict[str, float] = {}
-    device = torch.device(_device_of(sched))
+    device = torch.device(device_of(sched))
     step = "prepare"
 
     fired: set[str] = set()
@@ -244,6 +270,16 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         if at not in fired:
             fired.add(at)
             fault_point(rt.ctrl, rank, at)
+
+    # A pre-copy for this order (`precopy`): its copy, and the slots allocated since.
+    pre, dirty, pre_report = None, torch.empty(0, dtype=torch.int64), None
+    if rt.precopy is not None:
+        state, rt.precopy = rt.precopy, None
+        if state.order == order:
+            pre, dirty = state.finish()
+            pre_report = state.report
+        else:
+            state.finish()
 
     # What /remp/plan would answer, made before anything changes (rank zero reports it
     # next to the measured values; informational, never a reason to fail).
@@ -293,7 +329,12 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     except Exception as exc:
         error = exc
     try:
-        rt.ctrl.agree(error, "reshape preparation")
+        ready = rt.ctrl.agree(error, "reshape preparation", info=pre is not None)
+        if pre is not None and not all(ready):  # the pause moves all, on every rank alike
+            pre = None
+        if pre is not None:  # rank zero's dirty slots (the parked ranks have none)
+            dirty = torch.from_numpy(np.frombuffer(rt.ctrl.broadcast_bytes(
+                dirty.numpy().tobytes() if rank == 0 else None), dtype=np.int64).copy())
         # Every rank learns every old replica's export (from its head), and derives the
         # same placement: each new replica's tree and queue, and the slot flows.
         states = [decode_state(rt.ctrl.broadcast_bytes(encoded if rank == head else None,
@@ -312,7 +353,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                          WeightPart(rt.decoder, rt.dtype, old_params),
                          device=device, staging_bytes=STAGING_BYTES,
                          staging=rt.staging_buffer(device), release_old=True,
-                         fault=lambda at, r: fault(step) if at == "gather" else None)
+                         fault=lambda at, r: fault(step) if at == "gather" else None,
+                         pre=pre, dirty=[dirty])
         times["transfer_s"] = time.perf_counter() - t
     except RelayoutFailed as failed:  # every rank alike: the released pieces come back
         _restore(rt, failed, device, old_pool_obj)
@@ -413,6 +455,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                                            [f.src_slots.numel() for f in flows],
                                            pairs).max_rank_bytes,
         "predicted": predicted and {k: predicted[k] for k in PREDICTED},
+        # What moved to the joining ranks before the pause (`precopy`); the bytes above
+        # moved in the pause.
+        "precopy": pre_report and {**pre_report, "used": pre is not None,
+                                   "dirty_slots": int(dirty.numel())},
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
     }
@@ -551,7 +597,7 @@ def _new_pool(rt: RempRuntime, topo: Topology, rank: int, device: torch.device,
         )
 
 
-def _device_of(sched: Any) -> str:
+def device_of(sched: Any) -> str:
     from sglang.srt.runtime_context import get_device
 
     return "cpu" if sched.server_args.device == "cpu" else f"cuda:{get_device().gpu_id}"

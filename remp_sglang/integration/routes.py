@@ -20,6 +20,7 @@ from typing import Any
 from remp_sglang.integration import metrics, policy_loop
 from remp_sglang.integration.config import RempConfig, config_from_env
 from remp_sglang.integration.layouts import validate_layout
+from remp_sglang.integration.precopy import unsupported as precopy_unsupported
 from remp_sglang.topology import Topology
 
 try:  # FastAPI resolves the route's annotations from this module's globals
@@ -436,16 +437,25 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
     gives up by the order's deadline and rolls back, so the reply (success or the
     failed step) comes before this call's own, longer, bound.
     """
+    import msgspec
+
     from remp_sglang.integration.messages import RempReshapeReqInput
 
     t_request = time.perf_counter()
     config = config_from_env() or RempConfig()
     current = Topology(_main_view["tp"], _main_view["pp"], config.launch_world_size,
                        _main_view["dp"])
+    want_precopy = True
+    if isinstance(body, dict) and "precopy" in body:
+        body = dict(body)
+        want_precopy = body.pop("precopy")
+        if not isinstance(want_precopy, bool):
+            return 400, {"error": f"precopy must be true or false, got {want_precopy!r}"}
     try:
         new = _requested_layout(tokenizer_manager, body)
     except ValueError as error:
         return 400, {"error": str(error)}
+    why_not = precopy_unsupported(current, new) if want_precopy else "not asked for"
     if _main_view["lock"] is None:
         _main_view["lock"] = asyncio.Lock()
     lock: asyncio.Lock = _main_view["lock"]
@@ -466,9 +476,18 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
         if replicas:  # meanwhile, only replicas that head both layouts take requests
             _feed(tokenizer_manager, sorted(set(_workers(current, config))
                                             & set(_workers(new, config))))
+        pre_reply = None
         try:  # the schedulers answer by the deadline, or after a rollback of as long
-            reply = await _router(tokenizer_manager).call(
-                request, timeout=2 * config.reshape_timeout_s + 60)
+            reply = None
+            if why_not is None:  # first the copy while serving, then the reshape
+                reply = pre_reply = await _router(tokenizer_manager).call(
+                    msgspec.structs.replace(request, nonce=uuid.uuid4().hex,
+                                            phase="precopy"),
+                    timeout=2 * config.reshape_timeout_s + 60)
+                request = msgspec.structs.replace(request, phase="after_precopy")
+            if reply is None or reply.error is None:  # (an error: refused, nothing began)
+                reply = await _router(tokenizer_manager).call(
+                    request, timeout=2 * config.reshape_timeout_s + 60)
         except asyncio.TimeoutError:
             metrics.finished(None, "unknown")
             return 504, {"error": "no reply from the schedulers within the reshape and "
@@ -484,6 +503,10 @@ async def run_reshape(tokenizer_manager: Any, body: Any) -> tuple[int, dict[str,
         metrics.finished(report, "rolled_back" if report.get("rolled_back") else "failed")
         return reply.status, {"error": reply.error, "old": old, **report}
     _publish_limits(tokenizer_manager, report)
+    if report.get("precopy") is None:  # none asked for, possible, or left to the pause
+        report["precopy"] = {"used": False, "reason": why_not} if pre_reply is None else \
+            {**json.loads(pre_reply.report_json), "used": False,
+             "reason": "the reshape did not find the copy"}
     report.update(old=old, new=new.layout(),
                   request_wait_s=round(time.perf_counter() - t_request, 4))
     metrics.finished(report, "succeeded")

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from remp_sglang.memory import launch_budgets
 from remp_sglang.topology import Topology
 
 from ..ports import free_ports
-from . import load_stats
+from . import load_stats, precopy
 from .cache_state import kv_digest
 from .config import config_from_env
 from .layouts import allowed_layouts
@@ -46,13 +47,16 @@ from .reshape import (
     RempRuntime,
     ReshapeFailed,
     ReshapeOrder,
+    device_of,
     execute,
+    go_key,
     kv_dtypes,
     kv_shape_of,
     launch_cpus,
     plan,
     publish_order,
     rebind_threads,
+    wait_for_go,
     wait_for_order,
 )
 from .step_boundary import (
@@ -192,6 +196,14 @@ def around_dispatch_event_loop(original: Any, scheduler: Any) -> Any:
     while True:
         if not rt.topology.is_active(rt.launch_rank):
             order = wait_for_order(rt)
+            if order.precopy:  # receive (if joining) now; reshape once the pause begins
+                topo = rt.topology
+                state = precopy.run_parked(
+                    rt, order, topo, Topology(order.tp, order.pp, topo.world_size, order.dp),
+                    torch.device(device_of(scheduler)))
+                if not wait_for_go(rt, order):
+                    continue  # given up (the deadline passed): the copy is dropped
+                rt.precopy = state
             _run(scheduler, rt, order, recv_req=None)
             continue
         rt.flush_first, rt.ingest_skipped = True, False
@@ -319,18 +331,59 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     if rt.decoder is None:
         return RempReshapeReqOutput(error="reshapes are disabled for this model (see log)",
                                     status=400, nonce=request.nonce)
-    if rt.pending is not None:
+    state = rt.precopy
+    if state is not None and state.expired() and rt.pending is None:
+        state.finish()  # given up: its order's deadline passed
+        state = rt.precopy = None
+    after = request.phase == "after_precopy"
+    if rt.pending is not None or (state is not None and not after):
         return RempReshapeReqOutput(error="a reshape is already pending", status=409,
                                     nonce=request.nonce)
-    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.deadline, request.dp)
+    order = ReshapeOrder(rt.epoch + 1, request.tp, request.pp, request.deadline, request.dp,
+                         precopy=request.phase == "precopy")
     try:
         order.validate(rt.topology.world_size, rt.epoch + 1)
+        new = Topology(order.tp, order.pp, rt.topology.world_size, order.dp)
+        why = precopy.unsupported(rt.topology, new) if order.precopy else None
+        if why:
+            raise ValueError(why)
     except ValueError as error:
         return RempReshapeReqOutput(error=str(error), status=400, nonce=request.nonce)
+    if after and state is not None and (state.order.tp, state.order.pp, state.order.dp) == \
+            (order.tp, order.pp, order.dp):
+        order = state.order  # its pause: parked ranks wait for the go
     if rt.launch_rank == 0:
-        publish_order(rt, order)
+        if order.precopy and not after:
+            publish_order(rt, order)
+        elif after:
+            if state is None or order is not state.order:  # no copy: a plain reshape
+                publish_order(rt, replace(order, precopy=False))
+            rt.store.set(go_key(order.epoch), b"1")
+        else:
+            publish_order(rt, order)
+    if order.precopy and not after:  # copy while serving; rank zero answers when done
+        rt.precopy = precopy.start(scheduler, rt, order, rt.topology, new,
+                                   torch.device(device_of(scheduler)), request)
+        return None
     rt.pending, rt.order_at, rt.hold = (order, request), time.perf_counter(), 0
     return None
+
+
+def _precopy_poll(scheduler: Any, rt: RempRuntime) -> None:
+    """Rank zero answers a finished pre-copy; every rank drops one whose order expired
+    (the launcher never sent its reshape)."""
+    from .messages import RempReshapeReqOutput
+
+    state = rt.precopy
+    if state is None or not state.done():
+        return
+    if rt.launch_rank == 0 and not state.replied and state.request is not None:
+        state.replied = True
+        scheduler.send_control_output(RempReshapeReqOutput(
+            report_json=json.dumps(state.report), nonce=state.request.nonce), state.request)
+    if state.expired() and rt.pending is None:
+        state.finish()
+        rt.precopy = None
 
 
 def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: Any,
@@ -338,6 +391,8 @@ def around_get_next_batch_to_run(original: Any, scheduler: Any, running_batch: A
     rt = runtime(scheduler)
     if rt is None:
         return original(scheduler, running_batch, last_batch)
+    if rt.precopy is not None:
+        _precopy_poll(scheduler, rt)
     if rt.deferred is not None:  # the first step on the new layout starts here
         _first_step(rt)
     if rt.resume is not None:  # requests that were decoding continue as a decode batch
@@ -461,6 +516,8 @@ def around_on_idle(original: Any, scheduler: Any) -> Any:
 def around_paused_state(original: Any, scheduler: Any) -> Any:
     """While generation is paused the loop never schedules: reshape from here."""
     rt = runtime(scheduler)
+    if rt is not None and rt.precopy is not None:
+        _precopy_poll(scheduler, rt)
     if rt is not None and rt.deferred is not None:
         _first_step(rt)
         _send_reply(scheduler, rt)
