@@ -90,11 +90,19 @@ def test_idle_grow_copies_every_cached_row_bit_exact(served):
     server.flush_cache()
     fill(server, 6, seed=10)
     before = digest(server)
+    planned = server.post("/remp/plan", {"tp": 2, "pp": 1}, timeout=120).json()
+    assert planned["precopy"] == {"possible": True, "reason": None}
     report = to(server, 2, 1)
     pre = report["precopy"]
     assert pre["used"] is True and pre["snapshot_slots"] == report["live_kv_slots"]
     assert report["kv_bytes_moved"] == pre["dirty_slots"] * ROW_TP2  # nothing ran: ~0
+    # both phases together move what the plan predicts for stop-and-copy
+    assert pre["kv_bytes"] + report["kv_bytes_moved"] == planned["kv_bytes"]
+    assert pre["weight_bytes"] + report["weight_bytes_moved"] == planned["weight_bytes"]
+    assert report["max_rank_bytes"] < planned["max_rank_bytes"]
     assert same_rows(before, digest(server))
+    shrink = server.post("/remp/plan", {"tp": 1, "pp": 1}, timeout=120).json()
+    assert shrink["precopy"]["possible"] is False
 
 
 def test_stop_and_copy_when_asked_and_when_nothing_joins(served):

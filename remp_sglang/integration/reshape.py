@@ -62,6 +62,7 @@ from .cache_state import (
 )
 from .faults import fault_point
 from .model_state import local_params, pool_from_memory, weights_from_memory
+from .precopy import unsupported as precopy_unsupported
 from .replicas import place, room_share, split_ways
 from .step_boundary import (
     CarryRefused,
@@ -451,9 +452,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "memory": {"before_bytes": [i[3] for i in infos], "after_bytes": [i[4] for i in infos],
                    "peak_bytes": [i[2] for i in infos],
                    "bound_bytes": [i[5] for i in infos], "staging_bytes": STAGING_BYTES},
-        "max_rank_bytes": predict_transfer(old, new, rt.decoder, kv_shape,
-                                           [f.src_slots.numel() for f in flows],
-                                           pairs).max_rank_bytes,
+        # the pause's busiest rank (after a pre-copy, less than the plan's)
+        "max_rank_bytes": mem.lower_bound_bytes if pre is not None else predict_transfer(
+            old, new, rt.decoder, kv_shape, [f.src_slots.numel() for f in flows],
+            pairs).max_rank_bytes,
         "predicted": predicted and {k: predicted[k] for k in PREDICTED},
         # What moved to the joining ranks before the pause (`precopy`); the bytes above
         # moved in the pause.
@@ -499,8 +501,12 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
     pairs = [(a, b) for b, srcs in enumerate(replica_sources(old, new)) for a in srcs]
     transfer = predict_transfer(old, new, rt.decoder, kv_shape,
                                 [max(0, live - evict)] * len(pairs), pairs)
+    why_not = precopy_unsupported(old, new)
     return {"old": old.layout(), "new": new.layout(),
             "refused": refused is not None, "reason": refused,
+            # bytes and downtime below are stop-and-copy's; with pre-copy the joining
+            # ranks' share moves before the pause
+            "precopy": {"possible": why_not is None, "reason": why_not},
             "kv_capacity_tokens": size, "live_kv_slots": live, "requests_carried": len(reqs),
             "cached_tokens_evicted": evict, **transfer.to_json(),
             "predicted_downtime_s": rt.downtime_model.predict(transfer.max_rank_bytes),
