@@ -420,7 +420,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                                 old_params, undo, info=sent)
 
     # Committed: the old layout's tensors were released as the new ones landed.
-    kept_kv = moved.bytes_kept["kv"]
+    kept = dict(moved.bytes_kept)
     del moved, undo, old_params, old_pool_obj
     if was_active and not now_active:
         clear_requests(sched)
@@ -434,7 +434,9 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
         "old": old.layout(), "new": new.layout(),
         "kv_bytes_moved": sum(i[0] for i in infos),
         "weight_bytes_moved": sum(i[1] for i in infos),
-        "kv_bytes_kept": kept_kv, "live_kv_slots": live,
+        # copied within rank zero from its old tensors to its new ones (its re-lay)
+        "kv_bytes_kept": kept["kv"], "weight_bytes_kept": kept["weights"],
+        "live_kv_slots": live,
         "transport": transport_for(device),
         "kv_capacity_tokens": new_size,
         "kv_slots_compacted": any(not torch.equal(f.src_slots, f.dst_slots) for f in flows),
