@@ -12,9 +12,9 @@ TP 1 -> 2 with pre-copy, back to TP 1, TP 1 -> 2 without, back to TP 1 (a shrink
 the cache, so each size builds on the last). Printed per size: the downtime of both grows
 (the pause, from the last step on TP 1 to the first on TP 2), what pre-copy moved while
 serving and how long it took, what its pause still moved (the slots allocated since),
-and what rank 0, which serves in both layouts, copied within itself in the pause (its
+what rank 0, which serves in both layouts, copied within itself in the pause (its
 half of the heads and of the weights, into its new tensors: that memory is not free
-while TP 1 serves, so pre-copy leaves it to the pause).
+while TP 1 serves, so pre-copy leaves it to the pause), and the pause's transfer phase.
 """
 
 from __future__ import annotations
@@ -109,17 +109,18 @@ def main() -> int:
     print("\n# TP 1 -> 2 downtime (s) by cached KV, CPU, 2 ranks, float32 Llama 8x1024, "
           "one streaming client")
     print(f"{'cached MB':>9} | {'pre-copy':>8} {'copied MB':>9} {'copy s':>6} "
-          f"{'dirty':>5} {'pause MB':>8} {'kept MB':>7} | {'stop+copy':>9} {'moved MB':>8} | "
-          f"{'ratio':>5}")
+          f"{'dirty':>5} {'pause MB':>8} {'kept MB':>7} {'xfer s':>6} | {'stop+copy':>9} "
+          f"{'moved MB':>8} {'xfer s':>6} | {'ratio':>5}")
     for r in rows:
         pre, plain, p = r["precopy"], r["plain"], r["precopy"]["precopy"]
         print(f"{r['cached_mb']:>9.1f} | {pre['downtime_s']:>8.3f} "
               f"{(p.get('kv_bytes', 0) + p.get('weight_bytes', 0)) / MB:>9.0f} "
               f"{p.get('seconds', 0):>6.2f} {p.get('dirty_slots', 0):>5} "
               f"{(pre['kv_bytes_moved'] + pre['weight_bytes_moved']) / MB:>8.1f} "
-              f"{(pre['kv_bytes_kept'] + pre['weight_bytes_kept']) / MB:>7.0f} | "
-              f"{plain['downtime_s']:>9.3f} "
-              f"{(plain['kv_bytes_moved'] + plain['weight_bytes_moved']) / MB:>8.0f} | "
+              f"{(pre['kv_bytes_kept'] + pre['weight_bytes_kept']) / MB:>7.0f} "
+              f"{pre['phases']['transfer_s']:>6.3f} | {plain['downtime_s']:>9.3f} "
+              f"{(plain['kv_bytes_moved'] + plain['weight_bytes_moved']) / MB:>8.0f} "
+              f"{plain['phases']['transfer_s']:>6.3f} | "
               f"{plain['downtime_s'] / pre['downtime_s']:>5.1f}")
     first = rows[0]["precopy"]["downtime_s"]
     summary = {

@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -324,7 +323,9 @@ def handle_load(scheduler: Any, request: Any) -> Any:
 
 
 def handle_reshape(scheduler: Any, request: Any) -> Any:
-    """Every active rank records the order; it runs at the next step boundary."""
+    """Every active rank records the order; it runs at the next step boundary. A
+    `precopy` order starts the copy to the joining ranks at once (rank zero answers when
+    it is done); the `after_precopy` order that follows is the reshape that uses it."""
     from .messages import RempReshapeReqOutput
 
     rt = runtime(scheduler)
@@ -349,19 +350,17 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
             raise ValueError(why)
     except ValueError as error:
         return RempReshapeReqOutput(error=str(error), status=400, nonce=request.nonce)
-    if after and state is not None and (state.order.tp, state.order.pp, state.order.dp) == \
-            (order.tp, order.pp, order.dp):
-        order = state.order  # its pause: parked ranks wait for the go
+    if after and state is not None:
+        if (state.order.tp, state.order.pp, state.order.dp) != (order.tp, order.pp, order.dp):
+            return RempReshapeReqOutput(error="the pre-copy was made for another layout",
+                                        status=409, nonce=request.nonce)
+        order = state.order
     if rt.launch_rank == 0:
-        if order.precopy and not after:
+        if state is None:  # parked ranks read the order (a plain one after a lost copy)
             publish_order(rt, order)
-        elif after:
-            if state is None or order is not state.order:  # no copy: a plain reshape
-                publish_order(rt, replace(order, precopy=False))
+        if after:  # parked ranks that copied wait for this
             rt.store.set(go_key(order.epoch), b"1")
-        else:
-            publish_order(rt, order)
-    if order.precopy and not after:  # copy while serving; rank zero answers when done
+    if order.precopy and not after:  # copy while serving
         rt.precopy = precopy.start(scheduler, rt, order, rt.topology, new,
                                    torch.device(device_of(scheduler)), request)
         return None
