@@ -128,16 +128,19 @@ def main() -> None:
     print("\n# live reshape under streaming load vs full restart (same run; restart = launch "
           "to first token)")
     print(f"{'switch':>16} {'downtime s':>10} {'wait s':>7} {'client gap s':>12} "
-          f"{'carried':>7} {'restart s':>9} {'speedup':>8} {'KV bytes':>9} "
-          f"{'weight bytes':>12} {'cached before':>13} {'after':>6} {'same out':>8}")
+          f"{'carried':>7} {'restart s':>9} {'speedup':>8} {'pre-copied':>10} "
+          f"{'KV in pause':>11} {'weights in pause':>16} {'cached before':>13} {'after':>6} "
+          f"{'same out':>8}")
     for r in rows:
         restart = restarts.get((r["new"]["dp"], r["new"]["tp"], r["new"]["pp"]))
         switch = f"{name(r['old'])}->{name(r['new'])}"
         speed = f"{restart / r['downtime_s']:.0f}x" if restart else "-"
+        pre = r.get("precopy") or {}  # bytes given the joining ranks while serving
+        early = pre.get("kv_bytes", 0) + pre.get("weight_bytes", 0) if pre.get("used") else 0
         print(f"{switch:>16} {r['downtime_s']:>10.3f} {r['request_wait_s']:>7.3f} "
               f"{r['client_gap_s']:>12.3f} {r['requests_carried']:>7} "
               f"{restart or float('nan'):>9.1f} {speed:>8} "
-              f"{r['kv_bytes_moved']:>9} {r['weight_bytes_moved']:>12} "
+              f"{early:>10} {r['kv_bytes_moved']:>11} {r['weight_bytes_moved']:>16} "
               f"{r['cached_tokens_before']:>13} {r['cached_tokens_after']:>6} "
               f"{'yes' if r['same_output'] else 'NO':>8}")
 
