@@ -7,8 +7,8 @@ functions, so the model's error is visible next to each measured value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 from remp_sglang.planner import Tokens, plan_kv
 from remp_sglang.topology import ModelShape, Topology
@@ -52,11 +52,16 @@ class TransferPrediction:
 
 def predict_transfer(old: Topology, new: Topology, model: DenseDecoder,
                      kv_shape: ModelShape, tokens: Tokens,
-                     flows: Sequence[tuple[int, int]] | None = None) -> TransferPrediction:
+                     flows: Sequence[tuple[int, int]] | None = None,
+                     received: Collection[int] | None = None) -> TransferPrediction:
     """The bytes of a switch from `old` to `new` with `tokens` live KV slots (per flow,
-    with replicas: see `plan_kv`)."""
+    with replicas: see `plan_kv`). `received`: only moves to these ranks count (a pause
+    after a pre-copy: the ranks that did not join)."""
     kv = plan_kv(old, new, kv_shape, flows)
     weights = plan_weights(old, new, model)
+    if received is not None:
+        kv = replace(kv, moves=tuple(m for m in kv.moves if m.dst in received))
+        weights = replace(weights, moves=[m for m in weights.moves if m.dst in received])
     ranks = range(old.world_size)
     return TransferPrediction(
         kv_sent=tuple(kv.bytes_sent(r, tokens) for r in ranks),

@@ -41,6 +41,13 @@ def to(server, tp: int, pp: int, **body) -> dict:
     return response.json()
 
 
+def at_tp1(server) -> None:
+    """TP 1 with an empty cache."""
+    if topology(server)["tp"] != 1:
+        reshape(server, 1, 1)
+    server.flush_cache()
+
+
 def fill(server, n: int, seed: int) -> list[list[int]]:
     """Cache `n` prompts of 200 tokens (prefixes the reshape must keep)."""
     prompts = [ids(200, seed + i) for i in range(n)]
@@ -51,9 +58,7 @@ def fill(server, n: int, seed: int) -> list[list[int]]:
 
 def test_grow_under_load_copies_before_the_pause(served):
     server, _, model = served
-    if topology(server)["tp"] != 1:
-        reshape(server, 1, 1)
-    server.flush_cache()
+    at_tp1(server)
     jobs = make_jobs([ids(n, 50 + n) for n in (10, 40, 90, 25)], TEXTS, (80, 50, 120, 60),
                      KINDS)
     reference = run_concurrently(server.base_url, jobs, model)
@@ -85,13 +90,11 @@ def test_grow_under_load_copies_before_the_pause(served):
 
 def test_idle_grow_copies_every_cached_row_bit_exact(served):
     server, _, _ = served
-    if topology(server)["tp"] != 1:
-        reshape(server, 1, 1)
-    server.flush_cache()
+    at_tp1(server)
     fill(server, 6, seed=10)
     before = digest(server)
     planned = server.post("/remp/plan", {"tp": 2, "pp": 1}, timeout=120).json()
-    assert planned["precopy"] == {"possible": True, "reason": None}
+    assert planned["precopy"]["possible"] is True and planned["precopy"]["reason"] is None
     report = to(server, 2, 1)
     pre = report["precopy"]
     assert pre["used"] is True and pre["snapshot_slots"] == report["live_kv_slots"]
@@ -100,6 +103,9 @@ def test_idle_grow_copies_every_cached_row_bit_exact(served):
     assert pre["kv_bytes"] + report["kv_bytes_moved"] == planned["kv_bytes"]
     assert pre["weight_bytes"] + report["weight_bytes_moved"] == planned["weight_bytes"]
     assert report["max_rank_bytes"] < planned["max_rank_bytes"]
+    # the plan's pause: nothing to the joining rank; the report's adds the dirty rows
+    assert planned["precopy"]["max_rank_bytes"] == 0
+    assert report["max_rank_bytes"] == report["kv_bytes_moved"]
     assert same_rows(before, digest(server))
     shrink = server.post("/remp/plan", {"tp": 1, "pp": 1}, timeout=120).json()
     assert shrink["precopy"]["possible"] is False
@@ -107,9 +113,7 @@ def test_idle_grow_copies_every_cached_row_bit_exact(served):
 
 def test_stop_and_copy_when_asked_and_when_nothing_joins(served):
     server, _, _ = served
-    if topology(server)["tp"] != 1:
-        reshape(server, 1, 1)
-    server.flush_cache()
+    at_tp1(server)
     fill(server, 6, seed=20)
     plain = to(server, 2, 1, precopy=False)
     assert plain["precopy"] == {"used": False, "reason": "not asked for"}
@@ -130,9 +134,7 @@ def test_bad_precopy_value_is_refused_and_the_server_serves_on(served):
 
 def test_failed_precopy_falls_back_to_stop_and_copy(served):
     server, spec, model = served
-    if topology(server)["tp"] != 1:
-        reshape(server, 1, 1)
-    server.flush_cache()
+    at_tp1(server)
     prompts = fill(server, 4, seed=40)
     before = digest(server)
     spec.write_text("precopy:1:raise")  # the joining rank fails its copy

@@ -42,3 +42,17 @@ def test_transfer_prediction_sums_and_floor() -> None:
     assert pred.max_rank_bytes == pred.kv_bytes + pred.weight_bytes
     assert predict_transfer(old, old, MODEL, SHAPE, 100).max_rank_bytes == 0
     assert pred.to_json()["per_rank"][1]["kv_sent"] == 100 * per_token
+
+
+def test_a_pause_after_pre_copy_counts_only_moves_to_ranks_that_did_not_join() -> None:
+    # TP 2 -> 4 on 4 ranks: ranks 2 and 3 join (pre-copied); 0 and 1 still swap heads
+    old, new = Topology(2, 1, 4), Topology(4, 1, 4)
+    full = predict_transfer(old, new, MODEL, SHAPE, 100)
+    pause = predict_transfer(old, new, MODEL, SHAPE, 100, received=[0, 1])
+    assert predict_transfer(old, new, MODEL, SHAPE, 100, received=range(4)) == full
+    assert pause.kv_received[2:] == (0, 0) and pause.weights_received[2:] == (0, 0)
+    assert pause.kv_received[:2] == full.kv_received[:2]
+    assert 0 < pause.max_rank_bytes < full.max_rank_bytes
+    grow = predict_transfer(Topology(1, 1, 2), Topology(2, 1, 2), MODEL, SHAPE, 100,
+                            received=[0])
+    assert grow.max_rank_bytes == 0  # TP 1 -> 2: everything goes to the joining rank

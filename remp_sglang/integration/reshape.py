@@ -44,6 +44,7 @@ from remp_sglang.engine import (
     KVPool,
     RelayoutFailed,
     WeightPart,
+    joining,
     relayout,
     restore,
 )
@@ -504,11 +505,18 @@ def plan(sched: Any, rt: RempRuntime, new: Topology) -> dict:
     transfer = predict_transfer(old, new, rt.decoder, kv_shape,
                                 [max(0, live - evict)] * len(pairs), pairs)
     why_not = precopy_unsupported(old, new)
+    pre = {"possible": why_not is None, "reason": why_not}
+    if why_not is None:  # the pause moves nothing to the joining ranks (none written since)
+        stay = [r for r in range(old.world_size) if r not in joining(old, new)]
+        pause = predict_transfer(old, new, rt.decoder, kv_shape, max(0, live - evict),
+                                 received=stay)
+        pre.update(max_rank_bytes=pause.max_rank_bytes,
+                   predicted_downtime_s=rt.downtime_model.predict(pause.max_rank_bytes))
     return {"old": old.layout(), "new": new.layout(),
             "refused": refused is not None, "reason": refused,
             # bytes and downtime below are stop-and-copy's; with pre-copy the joining
-            # ranks' share moves before the pause
-            "precopy": {"possible": why_not is None, "reason": why_not},
+            # ranks' share moves before the pause: `precopy` predicts that pause
+            "precopy": pre,
             "kv_capacity_tokens": size, "live_kv_slots": live, "requests_carried": len(reqs),
             "cached_tokens_evicted": evict, **transfer.to_json(),
             "predicted_downtime_s": rt.downtime_model.predict(transfer.max_rank_bytes),
