@@ -36,7 +36,7 @@ from .pieces import (
     transfers,
     weight_pieces,
 )
-from .planner import KVPlan, plan_kv
+from .planner import KVPlan, plan_kv, restrict
 from .topology import ModelShape, Topology
 from .weights import (
     DenseDecoder,
@@ -356,7 +356,7 @@ def relayout(
             flows, kv_plan, w_plan = _after_precopy(pre, rank, old, new, kv, flows, kv_plan,
                                                     w_plan, dirty)
         elif receivers is not None:
-            kv_plan, w_plan = _restrict(kv_plan, w_plan, lambda dst, flow: dst in receivers)
+            kv_plan, w_plan = restrict(kv_plan, w_plan, lambda dst, flow: dst in receivers)
         if fault:
             fault("plan", rank)
     except Exception as exc:  # agreed on below: every rank raises
@@ -464,17 +464,6 @@ def precopy(comm: Communicator, old: Topology, new: Topology, kv: KVPart,
                    res.params if mine else {}, res.stats, dict(res.bytes_sent))
 
 
-def _restrict(kv_plan: KVPlan | None, w_plan: Any,
-              keep: Callable[[int, int], bool]) -> tuple[KVPlan | None, Any]:
-    """The plans less the moves whose (destination, flow) `keep` rejects."""
-    if kv_plan is not None:
-        kv_plan = replace(kv_plan, moves=tuple(m for m in kv_plan.moves
-                                               if keep(m.dst, m.flow)))
-    if w_plan is not None:
-        w_plan = replace(w_plan, moves=[m for m in w_plan.moves if keep(m.dst, -1)])
-    return kv_plan, w_plan
-
-
 def _after_precopy(pre: PreCopy, rank: int, old: Topology, new: Topology, kv: KVPart | None,
                    flows: list[SlotFlow], kv_plan: KVPlan | None, w_plan: Any,
                    dirty: Sequence[torch.Tensor]) -> tuple[list[SlotFlow], KVPlan | None, Any]:
@@ -494,7 +483,7 @@ def _after_precopy(pre: PreCopy, rank: int, old: Topology, new: Topology, kv: KV
     if kv_plan is not None:
         kv_plan = plan_kv(kv_plan.old, kv_plan.new, kv_plan.shape,
                           [(f.src_replica, f.dst_replica) for f in flows + rest])
-    kv_plan, w_plan = _restrict(
+    kv_plan, w_plan = restrict(
         kv_plan, w_plan, lambda dst, flow: (dst in pre.ranks) == (flow >= n))
     return flows + rest, kv_plan, w_plan
 

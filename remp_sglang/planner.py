@@ -11,8 +11,8 @@ hold it (GQA replication, replicated parameters) the sends are spread across the
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from .topology import ModelShape, Topology
 
@@ -295,3 +295,15 @@ def plan_tensors(
                         TensorMove(name, src, dst, a, b, src_seg.local_of(a), seg.local_of(a))
                     )
     return plan
+
+
+def restrict(kv_plan: KVPlan | None, w_plan: TensorPlan | None,
+             keep: Callable[[int, int], bool]) -> tuple[KVPlan | None, TensorPlan | None]:
+    """The plans less the moves whose (destination, flow) `keep` rejects (weight moves
+    have flow -1): a pre-copy's receivers, the pause after it."""
+    if kv_plan is not None:
+        kv_plan = replace(kv_plan, moves=tuple(m for m in kv_plan.moves
+                                               if keep(m.dst, m.flow)))
+    if w_plan is not None:
+        w_plan = replace(w_plan, moves=[m for m in w_plan.moves if keep(m.dst, -1)])
+    return kv_plan, w_plan

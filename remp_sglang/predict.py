@@ -8,9 +8,9 @@ functions, so the model's error is visible next to each measured value.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from remp_sglang.planner import Tokens, plan_kv
+from remp_sglang.planner import Tokens, plan_kv, restrict
 from remp_sglang.topology import ModelShape, Topology
 from remp_sglang.weights import DenseDecoder, plan_weights
 
@@ -60,8 +60,7 @@ def predict_transfer(old: Topology, new: Topology, model: DenseDecoder,
     kv = plan_kv(old, new, kv_shape, flows)
     weights = plan_weights(old, new, model)
     if received is not None:
-        kv = replace(kv, moves=tuple(m for m in kv.moves if m.dst in received))
-        weights = replace(weights, moves=[m for m in weights.moves if m.dst in received])
+        kv, weights = restrict(kv, weights, lambda dst, flow: dst in received)
     ranks = range(old.world_size)
     return TransferPrediction(
         kv_sent=tuple(kv.bytes_sent(r, tokens) for r in ranks),

@@ -63,7 +63,6 @@ class Precopying:
     old: Topology
     new: Topology
     started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0
     result: PreCopy | None = None
     error: BaseException | None = None
     report: dict = field(default_factory=dict)  # rank zero: every rank's bytes
@@ -85,7 +84,7 @@ class Precopying:
         if self.thread is not None:
             self.thread.join()
         self.unhook()
-        dirty = torch.cat(self.dirty).unique() if self.dirty else \
+        dirty = torch.cat(self.dirty).to("cpu", torch.int64).unique() if self.dirty else \
             torch.empty(0, dtype=torch.int64)
         return (self.result if self.error is None else None), dirty
 
@@ -101,8 +100,8 @@ class Precopying:
 
         def recording(need_size: int) -> Any:
             out = original(need_size)
-            if out is not None:
-                dirty.append(out.to("cpu", torch.int64))
+            if out is not None:  # kept where it lies: no device sync per allocation
+                dirty.append(out)
             return out
 
         alloc.alloc, self._alloc = recording, alloc
@@ -122,7 +121,7 @@ def start(sched: Any, rt: Any, order: Any, old: Topology, new: Topology,
         for batch in (getattr(sched, "last_batch", None), getattr(sched, "cur_batch", None)):
             loc = getattr(batch, "out_cache_loc", None)
             if loc is not None:
-                state.dirty.append(loc.to("cpu", torch.int64))
+                state.dirty.append(loc.clone())  # the batch may reuse it
         state._hook(sched.token_to_kv_pool_allocator)
         runner = sched.tp_worker.model_runner
         params = local_params(runner.model, rt.decoder, old, rt.launch_rank)
@@ -174,14 +173,14 @@ def _copy(rt: Any, state: Precopying, snapshot: torch.Tensor | None, pool: KVPoo
             if cuda is not None:
                 cuda.synchronize()
         stats = state.result.stats
-        state.seconds = time.perf_counter() - state.started
+        seconds = time.perf_counter() - state.started
         infos = comm.agree(None, "pre-copy report", info=[
             state.result.bytes_sent["kv"], state.result.bytes_sent["weights"],
             stats.bytes_received])
         state.report = {
             "used": True, "snapshot_slots": int(slots.numel()),
             "kv_bytes": sum(i[0] for i in infos), "weight_bytes": sum(i[1] for i in infos),
-            "bytes_received": [i[2] for i in infos], "seconds": round(state.seconds, 4)}
+            "bytes_received": [i[2] for i in infos], "seconds": round(seconds, 4)}
     except Exception as exc:  # every rank alike (the copy's agreements): the pause moves all
         logger.warning("remp: pre-copy for reshape %d failed: %s", order.epoch, exc)
         state.error, state.result = exc, None

@@ -332,10 +332,8 @@ def handle_reshape(scheduler: Any, request: Any) -> Any:
     if rt.decoder is None:
         return RempReshapeReqOutput(error="reshapes are disabled for this model (see log)",
                                     status=400, nonce=request.nonce)
+    _drop_expired(rt)
     state = rt.precopy
-    if state is not None and state.expired() and rt.pending is None:
-        state.finish()  # given up: its order's deadline passed
-        state = rt.precopy = None
     after = request.phase == "after_precopy"
     if rt.pending is not None or (state is not None and not after):
         return RempReshapeReqOutput(error="a reshape is already pending", status=409,
@@ -380,7 +378,13 @@ def _precopy_poll(scheduler: Any, rt: RempRuntime) -> None:
         state.replied = True
         scheduler.send_control_output(RempReshapeReqOutput(
             report_json=json.dumps(state.report), nonce=state.request.nonce), state.request)
-    if state.expired() and rt.pending is None:
+    _drop_expired(rt)
+
+
+def _drop_expired(rt: RempRuntime) -> None:
+    """A pre-copy whose order's deadline passed with no reshape pending is given up."""
+    state = rt.precopy
+    if state is not None and state.expired() and rt.pending is None:
         state.finish()
         rt.precopy = None
 
