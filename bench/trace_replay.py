@@ -60,10 +60,11 @@ TRACES = (("azure_conv", 8, 1.5, 60, None), ("mooncake", 48, 1.0, 60, None),
           ("azure_code", 12, 3.0, 120, None),
           ("azure_conv", 8, BIMODAL_TIME_DIV, 60, ("bimodal", 1)),
           ("azure_conv", 8, BIMODAL_TIME_DIV, 60, ("burst", 4)))
-#: Knobs scaled to this machine: a switch pauses about 0.25 s here, so two seconds of
-#: dwell is eight pauses (the defaults are for GPUs, whose switches take longer).
+#: Knobs scaled to this machine: a switch pauses 0.05-0.1 s here, so two seconds of
+#: dwell is twenty pauses and a long prompt is held at most half a second before it
+#: forces a merge (the defaults are for GPUs, whose switches take longer).
 POLICY = {"interval_s": 0.5, "window_s": 4.0, "horizon_s": 20.0, "min_dwell_s": 2.0,
-          "max_hold_s": 1.0, "confirm": 2, "default_downtime_s": 0.3}
+          "max_hold_s": 0.5, "confirm": 2, "default_downtime_s": 0.3}
 
 
 def prompt_ids(r: T.TraceRequest, index: int, block_tokens: int) -> tuple[int, ...]:

@@ -23,9 +23,17 @@ same code. The rule:
   (`downtime x goodput now`, plus re-prefilling KV the target cannot keep) and beats the
   current layout by `min_gain`, in `confirm` decisions in a row, and at least
   `min_dwell_s` after the end of the last switch (hysteresis: it never flaps faster
-  than that). A request held because the current layout cannot hold it forces the best
-  layout that serves it once it has waited `max_hold_s`, or at once when no other
-  request is waiting.
+  than that).
+- A split is reversed by the next request its replicas cannot hold (the held-request
+  rule below merges again). Prompt lengths that arrived over the last `horizon_s` say
+  when that comes: the expected stay is the larger of their mean interval and the time
+  since the last one (a burst that has ended). A split whose stay is shorter than
+  `min_dwell_s`, or whose gain over that stay does not pay for the pause there and
+  back, is not made: long prompts that keep arriving among short ones would otherwise
+  make the layout flap at the dwell's pace.
+- A request held because the current layout cannot hold it forces the best layout that
+  serves it once it has waited `max_hold_s`, or at once when no other request is
+  waiting.
 """
 
 from __future__ import annotations
@@ -247,13 +255,28 @@ def goodput(c: Candidate, demand: Demand, model: StepModel,
     return min(offered, service) * mean_out, service * mean_out
 
 
+def expected_stay(history: Sequence[tuple[float, int]], t: float, max_input: int,
+                  widest: int, horizon_s: float) -> tuple[float, int]:
+    """(How long a layout admitting prompts shorter than `max_input` would likely serve
+    before a prompt it cannot hold arrives, how many such arrived), from `history`:
+    (arrival time, prompt length) over the last `horizon_s`, oldest first. Prompts no
+    layout holds (`widest`) are refused anyway and do not count."""
+    times = [a for a, prompt in history if max_input <= prompt < widest]
+    if not times:
+        return horizon_s, 0
+    span = min(horizon_s, max(t - history[0][0], 1e-9))
+    return min(horizon_s, max(span / len(times), t - times[-1])), len(times)
+
+
 def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[Candidate],
            model: StepModel, downtime: Callable[[Layout, Layout], float],
            config: PolicyConfig, since_switch_s: float,
-           streak: tuple[Layout, int]) -> Decision:
+           streak: tuple[Layout, int],
+           history: Sequence[tuple[float, int]] = ()) -> Decision:
     """The pure decision. `since_switch_s`: time since the last switch (or failed
     attempt); `streak`: (layout, times in a row it was the best so far);
-    `downtime(old, new)`: the predicted pause of a switch."""
+    `downtime(old, new)`: the predicted pause of a switch; `history`: (arrival time,
+    prompt length) of the requests that arrived over the last `horizon_s`."""
     t = samples[-1].t if samples else 0.0
     by_layout = {c.layout: c for c in candidates}
     widest = max(c.max_input for c in candidates)
@@ -306,20 +329,30 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
     best = predicted[best_layout]
     target = by_layout[best_layout]
     d = downtime(current, best_layout)
-    gain = (best - now) * config.horizon_s
+    stay, longer = expected_stay(history, t, target.max_input, widest, config.horizon_s) \
+        if cur is None or target.max_input < cur.max_input else (config.horizon_s, 0)
+    if longer:  # the next prompt it cannot hold forces the way back: pay for both
+        d += downtime(best_layout, current)
+    gain = (best - now) * stay
     # the pause, and re-prefilling the live KV the target cannot keep
     lost = max(0, demand.kv_used - target.capacity * target.topo.dp)
     refill = model.prefill_time(target.topo, lost) / target.topo.dp if lost else 0.0
     cost = (d + refill) * max(now, demand.goodput)
     numbers = dict(downtime_s=d, gain_tokens=round(gain, 1), cost_tokens=round(cost, 1))
+    if longer and stay < config.min_dwell_s:
+        return Decision(t, current, current, False,
+                        f"{key(best_layout)} would be left within {stay:.1f}s: {longer} "
+                        f"prompts its replicas cannot hold arrived in the last "
+                        f"{config.horizon_s:.0f}s", **numbers, **info)
     if best < now * (1 + config.min_gain):
         return Decision(t, current, current, False,
                         f"{key(best_layout)} predicts {best:.1f} tok/s, within "
                         f"{config.min_gain:.0%} of {now:.1f}", **numbers, **info)
     if gain <= cost:
         return Decision(t, current, current, False,
-                        f"gain {gain:.0f} tokens over {config.horizon_s:.0f}s does not "
-                        f"pay the pause's {cost:.0f}", **numbers, **info)
+                        f"gain {gain:.0f} tokens over {stay:.0f}s does not pay the "
+                        f"pause{'s there and back' if longer else ''}: {cost:.0f}",
+                        **numbers, **info)
     count = streak[1] + 1 if streak[0] == best_layout else 1
     if count < config.confirm:
         return Decision(t, current, best_layout, False,
@@ -331,7 +364,7 @@ def decide(samples: Sequence[LoadSample], current: Layout, candidates: Sequence[
                         f"{config.min_dwell_s:.0f}s ago", **numbers, **info)
     return Decision(t, current, best_layout, True,
                     f"{key(best_layout)} predicts {best:.1f} vs {now:.1f} tok/s: gain "
-                    f"{gain:.0f} tokens over {config.horizon_s:.0f}s > pause cost "
+                    f"{gain:.0f} tokens over {stay:.0f}s > pause cost "
                     f"{cost:.0f}", **numbers, **info)
 
 
@@ -366,6 +399,8 @@ class Policy:
     current: Layout = (1, 1, 1)
     paused: bool = False
     samples: deque = field(default_factory=lambda: deque(maxlen=4096))
+    # (arrival time, prompt length) over the last horizon_s, kept across switches
+    history: deque = field(default_factory=lambda: deque(maxlen=1 << 16))
     decisions: deque = field(default_factory=lambda: deque(maxlen=50))
     switches: list[Switch] = field(default_factory=list)
     last_switch_t: float = float("-inf")
@@ -380,6 +415,9 @@ class Policy:
         self.current = sample.layout
         while self.samples and self.samples[0].t < sample.t - self.config.window_s:
             self.samples.popleft()
+        self.history.extend((sample.t, r.prompt) for r in sample.arrived)
+        while self.history and self.history[0][0] < sample.t - self.config.horizon_s:
+            self.history.popleft()
         for s in self.switches:  # fill what was observed a window after each switch
             if s.observed_after is None and s.error is None and \
                     sample.t - s.t >= self.config.window_s:
@@ -405,7 +443,8 @@ class Policy:
         else:
             decision = decide(list(self.samples), self.current, self.candidates, self.model,
                               self.downtime, self.config,
-                              since_switch_s=t - self.last_switch_t, streak=self.streak)
+                              since_switch_s=t - self.last_switch_t, streak=self.streak,
+                              history=self.history)
         self.streak = (decision.target, self.streak[1] + 1
                        if decision.target == self.streak[0] else 1)
         self.decisions.append(decision)

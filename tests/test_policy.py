@@ -260,3 +260,36 @@ def test_a_held_request_waits_only_while_others_queue():
     idle = Server(DP2)
     decision = idle.tick(arrived=long(1), held=long(1), held_wait_s=0.2)
     assert decision.switch and "nothing else queued" in decision.reason
+
+
+def test_long_prompts_that_keep_coming_hold_the_merged_layout_until_they_stop():
+    """A long prompt every 3 s among saturating short load: a split would be reversed by
+    the next one (merge at the dwell's pace), so the merged layout stays; once they stop,
+    it splits as soon as the last one is a dwell time old."""
+    server = Server(PP2)
+    for i in range(60):
+        arrived = short(20, i) + (long(1) if i % 3 == 0 else ())
+        held = long(1) if server.policy.current == DP2 and i % 3 == 0 else ()
+        server.tick(arrived=arrived, waiting=short(30, i), held=held,
+                    held_wait_s=5.0 if held else 0.0, generated=300)
+    assert server.layouts == [PP2], server.policy.decisions[-1].reason
+    reasons = [d.reason for d in server.policy.decisions]
+    assert any("would be left within" in r for r in reasons[-10:])
+    last_long = server.t - 2  # i = 57
+    for i in range(30):
+        server.tick(arrived=short(20, i), waiting=short(30, i), generated=300)
+    assert server.layouts == [PP2, DP2]
+    split = server.policy.switches[-1].t
+    assert last_long + FAST.min_dwell_s <= split <= last_long + FAST.min_dwell_s + 3
+
+
+def test_expected_stay_of_a_split():
+    from remp_sglang.policy import expected_stay
+
+    history = [(float(t), 700 if t % 4 == 1 else 30) for t in range(20)]  # longs 1..17
+    assert expected_stay(history, 20.0, 506, 1018, 30.0) == (4.0, 5)  # 20 s / 5 longs
+    assert expected_stay(history, 40.0, 506, 1018, 30.0) == (23.0, 5)  # 23 s since the last
+    assert expected_stay(history, 20.0, 1018, 1018, 30.0) == (30.0, 0)  # holds them all
+    refused = [(1.0, 5000), (2.0, 30)]  # prompts no layout holds do not count
+    assert expected_stay(refused, 3.0, 506, 1018, 30.0) == (30.0, 0)
+    assert expected_stay((), 3.0, 506, 1018, 30.0) == (30.0, 0)
