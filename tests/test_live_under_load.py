@@ -139,23 +139,35 @@ def test_smaller_layout_evicts_lru_prefixes_and_keeps_running_requests(busy):
     assert cached_tokens(server, prompts[0]) < 10  # least recently used: evicted
 
 
-def test_live_kv_that_cannot_fit_is_refused_before_anything_moves(busy):
+@pytest.mark.parametrize("start", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_live_kv_that_cannot_fit_is_refused_before_anything_moves(busy, start):
+    """Refused again and again while short requests keep arriving, so that some refusals
+    come right after a prefill step, whose batch joins the running requests only at the
+    next step: nothing is lost (a dropped batch leaked its rows and hung its clients, and
+    SGLang's idle check stopped the scheduler). Also from PP 2, whose boundary first
+    holds the launched micro-batches."""
     server, model = busy
-    if topology(server)["tp"] != 2 or topology(server)["pp"] != 1:
-        reshape(server, 2, 1)
+    if (topology(server)["tp"], topology(server)["pp"]) != start:
+        reshape(server, *start)
     server.flush_cache()
     # Four running requests whose KV together exceeds TP 1's 1664 slots.
-    jobs = [Job("generate", tuple(ids(500, 300 + i)), "", 200) for i in range(4)]
-    reference = run_concurrently(server.base_url, jobs, model)
+    jobs = [Job("generate", tuple(ids(500, 300 + i)), "", 400) for i in range(4)]
+    shorts = [Job("generate", tuple(ids(20, 400 + i)), "", 6) for i in range(60)]
+    reference = run_concurrently(server.base_url, jobs + shorts, model)
     server.flush_cache()
     traffic = Background(server.base_url, jobs, model)
     time.sleep(3.0)  # every prompt prefilled (64-token chunks), all still decoding
-    refused = server.post("/remp/reshape", {"tp": 1, "pp": 1}, timeout=600)
-    assert refused.status_code == 409, refused.text
-    assert "do not fit" in refused.json()["error"], refused.text
-    assert_same(traffic.wait(), reference)
+    side = Background(server.base_url, shorts, model, stagger_s=0.03)
+    for _ in range(10):
+        refused = server.post("/remp/reshape", {"tp": 1, "pp": 1}, timeout=600)
+        assert refused.status_code == 409, refused.text
+        assert "do not fit" in refused.json()["error"], refused.text
+        time.sleep(0.1)
+    assert_same(traffic.wait() + side.wait(), reference)
+    time.sleep(1.0)  # idle: SGLang's invariant checks run
     topo = topology(server)
-    assert (topo["tp"], topo["pp"], topo["state"]) == (2, 1, "serving")
+    assert ((topo["tp"], topo["pp"]), topo["state"]) == (start, "serving")
+    assert_same(run_concurrently(server.base_url, shorts[:2], model), reference[4:6])
 
 
 def resources(server) -> dict[str, list[int]]:

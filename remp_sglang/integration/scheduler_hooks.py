@@ -434,7 +434,11 @@ def _next_batch(original: Any, scheduler: Any, rt: RempRuntime, running_batch: A
         rt.hold += 1
         return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
     _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
-    last_batch, rt.settled_last = rt.settled_last, None
+    # The reshape failed: the old layout schedules on. The last batch (a prefill joins
+    # the running requests only here) is the one the boundary settled, else the one the
+    # loop passed: dropping it lost its requests and leaked their rows.
+    if rt.settled_last is not None:
+        last_batch, rt.settled_last = rt.settled_last, None
     return original(scheduler, scheduler.running_batch, last_batch)
 
 
