@@ -98,6 +98,8 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         assert report["weight_bytes_moved"] + report["precopy"].get("weight_bytes", 0) > 0
         assert report["downtime_s"] > 0 and "transfer_s" in report["phases"]
         assert report["transport"] == "gloo"  # CPU pools move through gloo, on the host
+        # the model was made before the pause (at launch, or kept when last left)
+        assert report["model_skeleton"] is True, report["phases"]
         # In place: no rank ever held its old and new weights and pool side by side.
         mem = report["memory"]
         for rank, (a, b, peak, cap) in enumerate(zip(
@@ -109,6 +111,8 @@ def test_switch_sequence_keeps_cache_and_output(llama):
         after = digest(server)
         # every active rank holds one model: the one it replaced was freed
         assert before.pop("model_runners") == after.pop("model_runners") == ["1"], switch
+        assert before.pop("skeleton_param_bytes") == after.pop("skeleton_param_bytes") == \
+            ["0"], switch
         assert same_rows(before, after), f"KV rows changed in {switch}"
 
         topo = topology(server)

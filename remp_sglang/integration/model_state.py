@@ -11,6 +11,10 @@
   never holds a second weight set beside the re-sharded one.
 - `pool_from_memory` likewise makes SGLang's KV pool around the per-layer tensors the
   engine filled, instead of allocating its own.
+- `build_skeleton` makes a world's model ahead of a reshape (parameters on meta); a
+  rebuild given one (`weights_from_memory(model=)`) adopts the shards into it instead
+  of constructing the model in the pause; `to_meta` turns a model a reshape left back
+  into one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCa
 
 _pending_shards: Mapping[str, torch.Tensor] | None = None
 _pending_tokenizer: Any = None  # the tokenizer a rebuilt worker takes
+_pending_model: torch.nn.Module | None = None  # the skeleton a rebuilt worker takes
 
 
 def decoder_of(hf_config: Any, dtype: torch.dtype) -> DenseDecoder:
@@ -56,17 +61,20 @@ def decoder_of(hf_config: Any, dtype: torch.dtype) -> DenseDecoder:
     )
 
 
+def expected_shapes(decoder: DenseDecoder, topo: Topology,
+                    rank: int) -> dict[str, tuple[int, ...]]:
+    """This rank's parameter shapes under `topo`, by SGLang parameter name."""
+    return {spec.name: local_shape(spec, decoder, topo, rank)
+            for spec in dense_decoder_params(decoder) if owns(spec, decoder, topo, rank)}
+
+
 def local_params(
     model: torch.nn.Module, decoder: DenseDecoder, topo: Topology, rank: int
 ) -> dict[str, torch.Tensor]:
     """This rank's shards, by SGLang parameter name, checked against the planner's layout:
     the parameters themselves (a reshape releases each in place once it has moved)."""
     params = dict(model.named_parameters())
-    expected = {
-        spec.name: local_shape(spec, decoder, topo, rank)
-        for spec in dense_decoder_params(decoder)
-        if owns(spec, decoder, topo, rank)
-    }
+    expected = expected_shapes(decoder, topo, rank)
     if set(params) != set(expected):
         missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
         raise ValueError(f"model parameters differ from the remp layout: missing {missing[:4]}, "
@@ -78,13 +86,19 @@ def local_params(
     return params
 
 
+def to_meta(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]],
+            dtype: torch.dtype) -> torch.nn.Module:
+    """`model` (its parameters released by a reshape) as a skeleton: each parameter on
+    the meta device with its shape under the layout it was built for; same objects."""
+    for name, param in model.named_parameters():
+        adopt(param, torch.empty(shapes[name], dtype=dtype, device="meta"))
+    return model
+
+
 @contextlib.contextmanager
-def weights_from_memory(shards: Mapping[str, torch.Tensor],
-                        tokenizer: Any = None) -> Iterator[None]:
-    """While active, a model SGLang builds takes its parameters from `shards`, and the
-    parameters it creates hold no memory until then (meta device); its worker takes
-    `tokenizer` (the scheduler's, loaded by the same call) instead of loading one."""
-    global _pending_shards, _pending_tokenizer
+def _meta_parameters() -> Iterator[None]:
+    """Every parameter created meanwhile is put on the meta device at once (its empty
+    allocation freed)."""
     original = torch.nn.Parameter.__new__
 
     def on_meta(cls, data=None, requires_grad=True):
@@ -92,13 +106,43 @@ def weights_from_memory(shards: Mapping[str, torch.Tensor],
             data = torch.empty_like(data, device="meta")  # the allocation is freed here
         return original(cls, data, requires_grad)
 
-    _pending_shards, _pending_tokenizer = shards, tokenizer
     torch.nn.Parameter.__new__ = on_meta
     try:
         yield
     finally:
         torch.nn.Parameter.__new__ = original
-        _pending_shards = _pending_tokenizer = None
+
+
+def build_skeleton(model_config: Any, load_config: Any, device: str) -> torch.nn.Module:
+    """SGLang's model for the live world, constructed as its default loader does (dtype,
+    device, quantization config) with every parameter on meta: no parameter memory,
+    its buffers (rotary tables) on `device`."""
+    from sglang.srt.model_loader.loader import (
+        _get_quantization_config,
+        _initialize_model,
+        set_default_torch_dtype,
+    )
+
+    quant_config = _get_quantization_config(model_config, load_config)
+    with set_default_torch_dtype(model_config.dtype), torch.device(device), \
+            _meta_parameters():
+        return _initialize_model(model_config, load_config, quant_config).eval()
+
+
+@contextlib.contextmanager
+def weights_from_memory(shards: Mapping[str, torch.Tensor], tokenizer: Any = None,
+                        model: torch.nn.Module | None = None) -> Iterator[None]:
+    """While active, a model SGLang builds takes its parameters from `shards`, and the
+    parameters it creates hold no memory until then (meta device); its worker takes
+    `tokenizer` (the scheduler's, loaded by the same call) instead of loading one, and
+    `model` (a skeleton for this world) instead of constructing the model."""
+    global _pending_shards, _pending_tokenizer, _pending_model
+    _pending_shards, _pending_tokenizer, _pending_model = shards, tokenizer, model
+    try:
+        with _meta_parameters():
+            yield
+    finally:
+        _pending_shards = _pending_tokenizer = _pending_model = None
 
 
 @contextlib.contextmanager
@@ -176,6 +220,16 @@ def around_broadcast_pyobj(original, data, rank, dist_group=None, src=0, **kwarg
     if _pending_shards is None:
         return original(data, rank, dist_group, src=src, **kwargs)
     return data
+
+
+def around_initialize_model(original, model_config, load_config, quant_config=None):
+    """AROUND hook on SGLang's loader `_initialize_model`: a rebuild given a skeleton
+    takes it (once) instead of constructing the model."""
+    global _pending_model
+    if _pending_shards is None or _pending_model is None:
+        return original(model_config, load_config, quant_config)
+    model, _pending_model = _pending_model, None
+    return model
 
 
 def around_load_weights_only(original, model, weights, target_device):

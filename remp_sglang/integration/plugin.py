@@ -192,6 +192,7 @@ def _enable_subprocess(config: RempConfig) -> None:
             around_broadcast_pyobj,
             around_dist_barrier_after_load,
             around_get_tokenizer,
+            around_initialize_model,
             around_load_weights_only,
             around_measure_pre_model_load_memory,
         )
@@ -229,6 +230,8 @@ def _enable_subprocess(config: RempConfig) -> None:
             around_load_weights_only,
             HookType.AROUND,
         )
+        HookRegistry.register("sglang.srt.model_loader.loader._initialize_model",
+                              around_initialize_model, HookType.AROUND)
         HookRegistry.register(
             "sglang.srt.distributed.bootstrap.measure_pre_model_load_memory",
             around_measure_pre_model_load_memory,

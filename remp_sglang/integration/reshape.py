@@ -62,9 +62,10 @@ from .cache_state import (
     live_slots,
 )
 from .faults import fault_point
-from .model_state import local_params, pool_from_memory, weights_from_memory
+from .model_state import expected_shapes, local_params, pool_from_memory, weights_from_memory
 from .precopy import unsupported as precopy_unsupported
 from .replicas import place, room_share, split_ways
+from .skeletons import Skeletons
 from .step_boundary import (
     CarryRefused,
     check_joinable,
@@ -147,6 +148,7 @@ class RempRuntime:
     staging: torch.Tensor | None = None
     launch_channels: Any = None  # this process's IPC channels as launched
     worlds: Worlds = field(default_factory=Worlds)  # SGLang's worlds, built at launch
+    skeletons: Skeletons = field(default_factory=Skeletons)  # models made before the pause
     precopy: Any = None  # a pre-copy running or done for the pending order (`precopy`)
 
     def capacity_for(self, topo: Topology) -> int:
@@ -293,7 +295,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             logger.warning("remp: no prediction for reshape %d", order.epoch, exc_info=True)
 
     # 1-3: everything that can fail runs while the old world still serves.
-    old_params, old_pool, old_pool_obj, new_pool_obj = {}, None, None, None
+    old_params, old_pool, old_pool_obj, new_pool_obj, left = {}, None, None, None, None
+    skeleton_used = False
     encoded: bytes | None = None
     new_size = 0
     error: BaseException | None = None
@@ -324,6 +327,7 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             encoded = encode_state(exported)
         if was_active:
             runner = sched.tp_worker.model_runner
+            left = runner.model  # its world's skeleton once this reshape commits
             old_params = local_params(runner.model, rt.decoder, old, rank)
             old_pool_obj = runner.token_to_kv_pool
             old_pool = KVPool(list(old_pool_obj.k_buffer), list(old_pool_obj.v_buffer))
@@ -395,7 +399,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
             times["world_s"] = time.perf_counter() - t
             step, t = "model", time.perf_counter()
             fault(step)
-            _build_worker(sched, moved.params, new_pool_obj, new_size)
+            skeleton = rt.skeletons.take(world_key(new, rank))
+            skeleton_used = skeleton is not None
+            _build_worker(sched, moved.params, new_pool_obj, new_size, skeleton)
+            del skeleton
             times["model_s"] = time.perf_counter() - t
             step, t = "cache_import", time.perf_counter()
             fault(step)
@@ -423,6 +430,10 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
     # Committed: the old layout's tensors were released as the new ones landed.
     kept = dict(moved.bytes_kept)
     del moved, undo, old_params, old_pool_obj
+    if left is not None:  # the next reshape into the old world adopts into it
+        rt.skeletons.keep(world_key(old, rank), left,
+                          expected_shapes(rt.decoder, old, rank), rt.dtype)
+        del left
     if was_active and not now_active:
         clear_requests(sched)
     rt.topology, rt.pool_size = new, new_size
@@ -466,6 +477,8 @@ def _execute(sched: Any, rt: RempRuntime, order: ReshapeOrder,
                                    "dirty_slots": int(dirty.numel())},
         "downtime_s": round(downtime, 4),
         "phases": {k: round(v, 4) for k, v in times.items()},
+        # rank zero's model was made before the pause (`skeletons`), not in `model_s`
+        "model_skeleton": skeleton_used,
     }
     for phase, seconds in report["phases"].items():
         logger.info("remp: reshape %d phase %s %.4f s (rank %d)", order.epoch, phase, seconds,
@@ -670,11 +683,15 @@ def _release_cuda_graphs(runner: Any) -> None:
         decode_runner=getattr(runner, "decode_cuda_graph_runner", None), eager_runner=eager)
 
 
-def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int) -> None:
+def _build_worker(sched: Any, params: dict, pool: Any, pool_size: int,
+                  skeleton: torch.nn.Module | None = None) -> None:
+    """SGLang's worker for the live world around the moved weights and pool; its model
+    is `skeleton` (made before the pause) when there is one, else constructed here."""
     from sglang.srt.managers.tp_worker import TpModelWorker
     from sglang.srt.runtime_context import get_device
 
-    with weights_from_memory(params, tokenizer=getattr(sched, "tokenizer", None)):
+    with weights_from_memory(params, tokenizer=getattr(sched, "tokenizer", None),
+                             model=skeleton):
         worker = TpModelWorker(server_args=sched.server_args, gpu_id=get_device().gpu_id,
                                nccl_port=sched.nccl_port)
     runner = worker.model_runner

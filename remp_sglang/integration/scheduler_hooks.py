@@ -58,6 +58,7 @@ from .reshape import (
     wait_for_go,
     wait_for_order,
 )
+from .skeletons import build_all
 from .step_boundary import (
     CarryRefused,
     checkpoint_requests,
@@ -151,6 +152,10 @@ def _prepare_worlds(scheduler: Any, rt: RempRuntime, config: Any) -> None:
     seconds = prepare(scheduler, rt.worlds, rt.launch_rank, live, keys, ports)
     logger.info("remp: %d worlds prepared for %d layouts in %.2f s (rank %d)",
                 len(rt.worlds.worlds), len(topos), seconds, rt.launch_rank)
+    seconds = build_all(scheduler, rt.worlds, rt.skeletons, rt.launch_rank, live,
+                        device_of(scheduler))
+    logger.info("remp: %d model skeletons made in %.2f s (rank %d)",
+                len(rt.skeletons.models), seconds, rt.launch_rank)
 
 
 def _hold_for_wider_layouts(scheduler: Any, rt: RempRuntime, config: Any) -> None:
@@ -248,6 +253,10 @@ def handle_kv_digest(scheduler: Any, request: Any) -> Any:
         mine = kv_digest(scheduler, topo.layer_range(rank, shape.num_layers),
                          topo.kv_head_range(rank, shape.num_kv_heads))
         mine["model_runners"] = str(_live_runners(rt))
+        # skeletons hold no parameter memory (every parameter on meta)
+        mine["skeleton_param_bytes"] = str(sum(
+            t.numel() * t.element_size() for m in rt.skeletons.models.values()
+            for t in m.parameters() if t.device.type != "meta"))
         rt.store.set(f"remp-dbg/{request.nonce}/{rank}", json.dumps(mine))
         return RempKVDigestReqOutput(ranks=list(topo.active_ranks))
     except Exception as error:
