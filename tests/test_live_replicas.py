@@ -55,6 +55,7 @@ def test_merge_and_split_keep_outputs_and_cache(replicas):
     for dp, tp, pp in CYCLE:
         report = to(server, dp, tp, pp)
         assert report["cached_tokens_after"] >= 24  # a merge keeps the union, a split copies
+        assert report["model_skeleton"] is True  # each replica's world's model, made before
         topo = topology(server)
         assert (topo["dp"], topo["tp"], topo["pp"]) == (dp, tp, pp)
         assert server.server_info()["dp_size"] == dp
