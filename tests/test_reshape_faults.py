@@ -112,6 +112,37 @@ def test_fault_on_a_joining_rank(faulty, step, rank):
     check_failed(status, body, old, layout, step, "raise")
 
 
+@pytest.mark.parametrize("start", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_failures_after_the_checkpoint_under_arriving_requests(faulty, start):
+    """A preparation that fails after the running requests were checkpointed (they wait
+    at the head of the queue, their KV in the tree), again and again while short
+    requests arrive, so that some failures come right after a prefill step: that batch
+    must not also rejoin the running requests (it did: its requests ran twice and their
+    rows leaked, and every later reshape was refused). Nothing lost, then a reshape
+    goes through."""
+    server, spec, _, _, model = faulty
+    if (topology(server)["tp"], topology(server)["pp"]) != start:
+        reshape(server, *start)
+    shorts = [Job("generate", tuple(5 + (s * 31 + i * 7) % 250 for i in range(20)), "", 6)
+              for s in range(60)]
+    reference = run_concurrently(server.base_url, shorts, model)
+    server.flush_cache()
+    side = Background(server.base_url, shorts, model, stagger_s=0.03)
+    spec.write_text("prepare:1:raise")
+    try:
+        for _ in range(10):
+            failed = server.post("/remp/reshape", {"tp": 1, "pp": 1}, timeout=4 * TIMEOUT_S)
+            assert failed.status_code == 500 and failed.json()["step"] == "prepare", failed.text
+            time.sleep(0.1)
+    finally:
+        spec.write_text("")
+    for got, want in zip(side.wait(300), reference, strict=True):
+        assert got.error is None and got.output == want.output, got.error
+    time.sleep(1.0)  # idle: SGLang's invariant checks run
+    assert topology(server)["state"] == "serving"
+    assert reshape(server, 1, 1)["new"] == {"dp": 1, "tp": 1, "pp": 1}
+
+
 def test_reshapes_work_after_every_fault(faulty):
     """The plane renewed after the aborts, every rank in step: a full cycle with the
     cache carried, and a repeated prompt still hitting after it."""

@@ -444,10 +444,12 @@ def _next_batch(original: Any, scheduler: Any, rt: RempRuntime, running_batch: A
         return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
     _step_boundary(scheduler, rt)  # raises RempLoopRestart once the layout changed
     # The reshape failed: the old layout schedules on. The last batch (a prefill joins
-    # the running requests only here) is the one the boundary settled, else the one the
-    # loop passed: dropping it lost its requests and leaked their rows.
-    if rt.settled_last is not None:
-        last_batch, rt.settled_last = rt.settled_last, None
+    # the running requests only here) is the one the boundary settled, else the
+    # scheduler's: the loop's argument unless the requests were checkpointed (then they
+    # wait in the queue, and the batch must not rejoin: they would run twice). Dropping
+    # a batch that was not checkpointed lost its requests and leaked their rows.
+    settled, rt.settled_last = rt.settled_last, None
+    last_batch = settled if settled is not None else scheduler.last_batch
     return original(scheduler, scheduler.running_batch, last_batch)
 
 
