@@ -1,6 +1,6 @@
 """Real request traces against every fixed layout and `--remp-policy auto`.
 
-    python bench/trace_replay.py [--quick] [--json PATH] [--plot PATH.png]
+    python bench/trace_replay.py [--quick] [--repeats N] [--json PATH] [--plot PATH.png]
 
 Windows of ../shared/traces (Azure LLM 2023 conversation and code: arrival times and
 token counts; Mooncake conversation: also its prefix-block hashes, so repeated prefixes
@@ -32,6 +32,9 @@ refuses the long prompts and finishes sooner on the rest). Per (window, configur
 requests completed and refused or failed, throughput (output tokens/s over the
 replay), TTFT and TPOT p50 and p99, prefix cache hit rate, reshapes. The plot:
 throughput, queue and KV usage over time, one line per configuration, reshapes marked.
+With `--repeats N` every configuration runs N times, in rounds (each round runs every
+configuration once, so that the machine's drift reaches all alike); the table gives
+each metric's median and the range of tokens/s, and compares the medians.
 """
 
 from __future__ import annotations
@@ -202,17 +205,40 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+MEDIANS = ("throughput_tok_s", "wall_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+           "tpot_p99_s", "hit_rate", "reshapes")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One (window, configuration) over its repeated runs: the median of each metric
+    (this machine is shared: one run's tokens/s varies by up to a fifth), the fewest
+    completed and most failed (a layout serves every request only if it did each time),
+    the tokens/s range, and the run of median tokens/s for its switches and series."""
+    by_tput = sorted(runs, key=lambda r: r["throughput_tok_s"])
+    mid = by_tput[(len(runs) - 1) // 2]
+    return {**mid, **{k: statistics.median(r[k] for r in runs) for k in MEDIANS},
+            "completed": min(r["completed"] for r in runs),
+            "failed": max(r["failed"] for r in runs), "runs": len(runs),
+            "tput_min": by_tput[0]["throughput_tok_s"],
+            "tput_max": by_tput[-1]["throughput_tok_s"]}
+
+
 def report(rows: list[dict]) -> list[str]:
+    runs = max(r.get("runs", 1) for r in rows)
     lines = ["# trace replay on one 2-rank CPU server (tiny Llama float32): fixed layouts "
-             "vs --remp-policy auto",
+             "vs --remp-policy auto"
+             + (f"; {runs} runs of each, configurations interleaved; medians (tok/s range "
+                "min-max), fewest done and most failed" if runs > 1 else ""),
              f"{'window':>26} {'config':>6} {'done':>9} {'fail':>4} {'tok/s':>7} "
-             f"{'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} {'TPOT p99':>8} {'hit':>5} "
-             f"{'reshapes':>8}"]
+             f"{'range':>13} {'TTFT p50':>8} {'TTFT p99':>8} {'TPOT p50':>8} "
+             f"{'TPOT p99':>8} {'hit':>5} {'reshapes':>8}"]
     for r in rows:
+        spread = f"{r.get('tput_min', r['throughput_tok_s']):.1f}-" \
+                 f"{r.get('tput_max', r['throughput_tok_s']):.1f}"
         lines.append(f"{r['window']:>26} {r['config']:>6} {r['completed']:>4}/{r['requests']:<4} "
-                     f"{r['failed']:>4} {r['throughput_tok_s']:>7.1f} {r['ttft_p50_s']:>8.2f} "
-                     f"{r['ttft_p99_s']:>8.2f} {r['tpot_p50_s']:>8.3f} {r['tpot_p99_s']:>8.3f} "
-                     f"{r['hit_rate']:>5.2f} {r['reshapes']:>8}")
+                     f"{r['failed']:>4} {r['throughput_tok_s']:>7.1f} {spread:>13} "
+                     f"{r['ttft_p50_s']:>8.2f} {r['ttft_p99_s']:>8.2f} {r['tpot_p50_s']:>8.3f} "
+                     f"{r['tpot_p99_s']:>8.3f} {r['hit_rate']:>5.2f} {r['reshapes']:>8g}")
     lines.append("")
     for label in dict.fromkeys(r["window"] for r in rows):
         per = {r["config"]: r for r in rows if r["window"] == label}
@@ -235,7 +261,7 @@ def report(rows: list[dict]) -> list[str]:
                 f"{label}: auto {auto['throughput_tok_s']:.1f} tok/s vs {kind} {best} "
                 f"{fixed[best]['throughput_tok_s']:.1f}{refused} ({ratio:.2f}x); auto TTFT "
                 f"p99 {auto['ttft_p99_s']:.2f}s vs worst fixed {worst_ttft:.2f}s; "
-                f"reshapes {auto['reshapes']}")
+                f"reshapes {auto['reshapes']:g}")
     return lines
 
 
@@ -248,6 +274,8 @@ def main() -> int:
     parser.add_argument("--windows", default=None,
                         help="comma-separated substrings: only the windows whose label has "
                              "one (=LABEL: that label exactly)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every configuration; the table gives medians")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".artifacts" / "trace_replay")
     args = parser.parse_args()
     wins = windows(args.quick)
@@ -259,17 +287,25 @@ def main() -> int:
         print(f"window {label}: {len(reqs)} requests over {reqs[-1].t:.0f}s, "
               f"long share {info['long_share']}", flush=True)
     model_dir = make_tiny_model(args.out / "llama", "llama")
-    rows = []
-    for name in args.configs.split(","):
+    names = args.configs.split(",")
+    for name in names:
         if name not in FIXED and name != "auto":
             parser.error(f"unknown config {name}: {[*FIXED, 'auto']}")
-        layouts = [FIXED[name]] if name in FIXED else list(FIXED.values())
-        rows += run_config(name, layouts, wins, args.out, model_dir)
+    runs: list[dict] = []
+    for round_ in range(args.repeats):  # every configuration once per round
+        for name in names:
+            layouts = [FIXED[name]] if name in FIXED else list(FIXED.values())
+            runs += [dict(r, round=round_) for r in
+                     run_config(name, layouts, wins, args.out, model_dir)]
+    keys = list(dict.fromkeys((r["window"], r["config"]) for r in runs))
+    keys.sort(key=lambda k: names.index(k[1]))
+    rows = [aggregate([r for r in runs if (r["window"], r["config"]) == k]) for k in keys]
     lines = report(rows)
     print("\n" + "\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "policy": POLICY}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "runs": runs, "policy": POLICY},
+                                        indent=1))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot: {args.plot}")
