@@ -57,5 +57,3 @@ def build_all(sched: Any, worlds: Worlds, skeletons: Skeletons, launch_rank: int
                                                device)
     enter(sched, worlds, live)
     return time.perf_counter() - t0
-
-
