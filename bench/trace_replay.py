@@ -304,7 +304,8 @@ def main() -> int:
     print("\n" + "\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "runs": runs, "policy": POLICY},
+        each = [{k: v for k, v in r.items() if k != "series"} for r in runs]
+        args.json.write_text(json.dumps({"rows": rows, "runs": each, "policy": POLICY},
                                         indent=1))
     if args.plot:
         plot(rows, args.plot)
