@@ -226,7 +226,7 @@ def around_initialize_model(original, model_config, load_config, quant_config=No
     """AROUND hook on SGLang's loader `_initialize_model`: a rebuild given a skeleton
     takes it (once) instead of constructing the model."""
     global _pending_model
-    if _pending_shards is None or _pending_model is None:
+    if _pending_model is None:  # set only inside `weights_from_memory`, with the shards
         return original(model_config, load_config, quant_config)
     model, _pending_model = _pending_model, None
     return model
